@@ -1,0 +1,1 @@
+"""Score-based multimodal autoencoders (SBM-AE) with score-ratio dimension reduction."""
