@@ -1,0 +1,38 @@
+"""PolyMNIST configs.
+
+  python -m sbmae.main --config=configs/polymnist.py --workdir=W        # full PolyMNIST-5
+  python -m sbmae.main --config=configs/polymnist.py:m10 --workdir=W    # full PolyMNIST-10
+  python -m sbmae.main --config=configs/polymnist.py:cpu --workdir=W    # CPU benchmark (real MNIST)
+  python -m sbmae.main --config=configs/polymnist.py:quick --workdir=W  # CPU minute, no download
+
+The argument is a comma-separated list of tokens: one size (`quick`, `cpu`, or
+none for full size) and optionally `m10` for ten modalities.
+"""
+
+from configs import default
+
+_TOKENS = ("quick", "cpu", "m10", "reduce")
+
+
+def get_config(arg=""):
+  """Returns the PolyMNIST config for `arg` (see module docstring)."""
+  tokens = [t for t in arg.split(",") if t]
+  unknown = [t for t in tokens if t not in _TOKENS]
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; expected tokens from {_TOKENS}")
+  config = default.get_config()
+  if "m10" in tokens:
+    config.data.num_modalities = 10
+  if "reduce" in tokens:
+    config.reduction.enabled = True
+
+  if "quick" in tokens:
+    # Scikit-learn's bundled 8x8 digits (resized): needs nothing downloaded.
+    config.data.digits = "sklearn_digits"
+    config.log_every = 20
+    config.checkpoint_every = 100
+    config.classifier.update(width=16, num_steps=150, batch_size=64)
+  elif "cpu" in tokens:
+    config.log_every = 50
+    config.classifier.update(width=16, num_steps=1500, batch_size=128)
+  return config

@@ -1,0 +1,43 @@
+"""Entry point: `python -m sbmae.main --config=configs/polymnist.py:quick --workdir=DIR`.
+
+Runs every stage of the pipeline in order, each resuming from its own
+checkpoint, so re-running the same command after an interruption continues
+where it stopped. `--config.stage=NAME` runs one stage.
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from sbmae import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder, used verbatim (resumes if it exists).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Drops Orbax's per-save INFO chatter; its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  train.maybe_initialize_distributed()
+  logging.info("JAX processes %d/%d, devices %s", jax.process_index(),
+               jax.process_count(), jax.devices())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,56 @@
+"""Metric writing: TensorBoard event files and JSON, from process 0 only."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+
+class Writer:
+  """Writes scalars and images to `<workdir>/tb` and JSON summaries to files.
+
+  On every process but 0 all methods do nothing, so callers need no checks.
+  """
+
+  def __init__(self, workdir):
+    self._active = jax.process_index() == 0
+    self._workdir = pathlib.Path(workdir)
+    self._tb = None
+    if self._active:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(self._workdir / "tb"))
+
+  def scalars(self, step, values, prefix=""):
+    """Logs a dict of scalars at `step` under `prefix/`."""
+    if not self._active:
+      return
+    for k, v in values.items():
+      self._tb.add_scalar(f"{prefix}/{k}" if prefix else k, float(v), step)
+    self._tb.flush()
+
+  def image(self, step, name, image):
+    """Logs one uint8 HWC image."""
+    if self._active:
+      self._tb.add_image(name, np.asarray(image), step, dataformats="HWC")
+      self._tb.flush()
+
+  def json(self, name, payload):
+    """Writes `payload` to `<workdir>/<name>` as indented JSON (atomically)."""
+    if not self._active:
+      return
+    path = self._workdir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_to_builtin))
+    tmp.replace(path)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _to_builtin(value):
+  if isinstance(value, (np.generic, jax.Array)):
+    return np.asarray(value).tolist()
+  raise TypeError(f"cannot serialise {type(value)}")

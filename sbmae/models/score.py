@@ -1,0 +1,209 @@
+"""Score networks for the joint prior over (reduced) latents.
+
+Every network maps (x_t [B, D], t [B], clean_mask [B, D]) to a noise
+prediction eps_hat [B, D]. `clean_mask` is a float per-coordinate flag: 1 where
+the coordinate holds a clean (undiffused) conditioning value, 0 where it is
+diffused; all zeros for unconditional training/sampling.
+
+Parametrisation: with the kernel x_t = alpha(t) x_0 + std(t) eps, the network
+predicts eps and the score is
+  score(x_t, t) = -eps_hat(x_t, t) / std(t)
+(`get_score_fn`). Regressing eps with an MSE is denoising score matching with
+the usual std(t)^2 weighting, and keeps the output O(1) at every t.
+"""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sbmae import sde as sde_lib
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding of continuous times t in [0, 1] -> [B, dim].
+
+  Times are scaled by 1000 so the frequencies match the usual DDPM embedding
+  of integer steps.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                  / half)
+  args = 1000.0 * t[:, None].astype(jnp.float32) * freqs[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _time_mlp(t, batch: int, dim: int):
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+  emb = nn.Dense(dim)(timestep_embedding(t, dim))
+  return nn.Dense(dim)(nn.swish(emb))
+
+
+class ScoreMLP(nn.Module):
+  """Residual MLP with a sinusoidal time embedding; predicts eps.
+
+  Attributes:
+    hidden: width of the residual stream.
+    num_layers: number of residual blocks (two Dense layers each).
+    time_embed_dim: size of the time embedding.
+  """
+  hidden: int = 1024
+  num_layers: int = 4
+  time_embed_dim: int = 128
+
+  @nn.compact
+  def __call__(self, x, t, clean_mask):
+    """Returns eps_hat [B, D] for x [B, D], t [B] (or scalar), clean_mask [B, D]."""
+    temb = nn.swish(_time_mlp(t, x.shape[0], self.time_embed_dim))
+    clean_mask = jnp.broadcast_to(clean_mask, x.shape).astype(x.dtype)
+    h = nn.Dense(self.hidden)(jnp.concatenate([x, clean_mask], axis=-1))
+    for _ in range(self.num_layers):
+      r = nn.Dense(self.hidden)(nn.swish(nn.LayerNorm()(h)))
+      r = r + nn.Dense(self.hidden)(temb)
+      r = nn.Dense(self.hidden)(nn.swish(nn.LayerNorm()(r)))
+      h = h + r
+    h = nn.swish(nn.LayerNorm()(h))
+    # Zero init: the untrained model predicts eps = 0 (score 0), a stable start.
+    return nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(h)
+
+
+def _group_norm(x):
+  return nn.GroupNorm(num_groups=math.gcd(32, x.shape[-1]))(x)
+
+
+class _ResBlock(nn.Module):
+  """DDPM residual block: two 3x3 convs with the time embedding added between."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x, temb):
+    h = nn.Conv(self.features, (3, 3))(nn.swish(_group_norm(x)))
+    h = h + nn.Dense(self.features)(temb)[:, None, None, :]
+    h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(
+        nn.swish(_group_norm(h)))
+    if x.shape[-1] != self.features:
+      x = nn.Dense(self.features)(x)  # 1x1 projection of the skip path.
+    return x + h
+
+
+class LatentUNet(nn.Module):
+  """SBM-AE style U-Net over latents stacked as image channels; predicts eps.
+
+  The M modality latents (each of size d = h * h) are reshaped to
+  [B, h, h, M] (one channel per modality) together with M channels of the
+  clean mask, and processed by a DDPM-like U-Net without attention (at the
+  8x8 and smaller resolutions used here attention adds little).
+
+  Attributes:
+    dims: per-modality latent sizes; all equal to a perfect square h^2, with h
+      divisible by 2^(len(mults) - 1).
+    width: channels at the first level.
+    mults: channel multiplier per level; the resolution halves between levels.
+    num_res_blocks: residual blocks per level on the way down.
+    time_embed_dim: size of the time embedding.
+  """
+  dims: Sequence[int]
+  width: int = 64
+  mults: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  time_embed_dim: int = 128
+
+  def _side(self) -> int:
+    dims = tuple(int(d) for d in self.dims)
+    side = math.isqrt(dims[0]) if dims else 0
+    if not dims or len(set(dims)) != 1 or side * side != dims[0]:
+      raise ValueError(
+          "LatentUNet stacks modality latents as channels of one h x h image, "
+          f"so every latent size must be the same perfect square; got dims={dims}."
+          " Use the MLP prior (prior.model='mlp') for unequal or reduced latents.")
+    factor = 2 ** (len(self.mults) - 1)
+    if side % factor:
+      raise ValueError(
+          f"LatentUNet with {len(self.mults)} levels halves the {side}x{side} "
+          f"latent image {len(self.mults) - 1} times; {side} is not divisible "
+          f"by {factor}. Use fewer unet_mults.")
+    return side
+
+  @nn.compact
+  def __call__(self, x, t, clean_mask):
+    """Returns eps_hat [B, D] for x [B, D], t [B] (or scalar), clean_mask [B, D]."""
+    side, m, b = self._side(), len(self.dims), x.shape[0]
+    if x.shape[-1] != m * side * side:
+      raise ValueError(f"x has {x.shape[-1]} coordinates, dims={tuple(self.dims)}.")
+
+    def to_image(v):  # [B, M*h*h] -> [B, h, h, M]
+      return v.reshape(b, m, side, side).transpose(0, 2, 3, 1)
+
+    clean_mask = jnp.broadcast_to(clean_mask, x.shape).astype(x.dtype)
+    temb = nn.swish(_time_mlp(t, b, self.time_embed_dim))
+    h = nn.Conv(self.width, (3, 3))(
+        jnp.concatenate([to_image(x), to_image(clean_mask)], axis=-1))
+    skips = [h]
+    for level, mult in enumerate(self.mults):
+      for _ in range(self.num_res_blocks):
+        h = _ResBlock(self.width * mult)(h, temb)
+        skips.append(h)
+      if level != len(self.mults) - 1:
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+        skips.append(h)
+    h = _ResBlock(h.shape[-1])(h, temb)
+    h = _ResBlock(h.shape[-1])(h, temb)
+    for level, mult in reversed(list(enumerate(self.mults))):
+      for _ in range(self.num_res_blocks + 1):
+        h = _ResBlock(self.width * mult)(
+            jnp.concatenate([h, skips.pop()], axis=-1), temb)
+      if level:
+        n, hh, ww, c = h.shape
+        h = nn.Conv(c, (3, 3))(
+            jnp.broadcast_to(h[:, :, None, :, None, :],
+                             (n, hh, 2, ww, 2, c)).reshape(n, 2 * hh, 2 * ww, c))
+    h = nn.swish(_group_norm(h))
+    h = nn.Conv(m, (3, 3), kernel_init=nn.initializers.zeros)(h)
+    return h.transpose(0, 3, 1, 2).reshape(b, m * side * side)
+
+
+MODELS = {"mlp": ScoreMLP, "unet": LatentUNet}
+
+
+def get_model(config, dims: Sequence[int]) -> nn.Module:
+  """Builds the score network named by `config.model` (the `prior` section).
+
+  Args:
+    config: the prior config (model, hidden, num_layers, time_embed_dim,
+      unet_width, unet_mults).
+    dims: per-modality latent sizes.
+
+  Returns:
+    A ScoreMLP or LatentUNet.
+  """
+  if config["model"] == "mlp":
+    return ScoreMLP(hidden=config["hidden"], num_layers=config["num_layers"],
+                    time_embed_dim=config["time_embed_dim"])
+  if config["model"] == "unet":
+    return LatentUNet(dims=tuple(int(d) for d in dims),
+                      width=config["unet_width"],
+                      mults=tuple(config["unet_mults"]),
+                      time_embed_dim=config["time_embed_dim"])
+  raise ValueError(f"Unknown prior model {config['model']!r}; known: {sorted(MODELS)}.")
+
+
+def get_score_fn(sde, model: nn.Module):
+  """Wraps an eps-predicting network as a score function.
+
+  Args:
+    sde: the forward SDE (provides std(t)).
+    model: a module called as model.apply({'params': p}, x, t, clean_mask).
+
+  Returns:
+    score_fn(params, x, t, clean_mask) -> -eps_hat / std(t), shaped like x.
+  """
+  def score_fn(params, x, t, clean_mask):
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+    eps = model.apply({"params": params}, x, t, clean_mask)
+    _, std = sde.marginal_coeffs(t)
+    return -eps / sde_lib.expand_like(std, x)
+  return score_fn

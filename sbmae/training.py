@@ -1,0 +1,165 @@
+"""Pieces every training stage shares: state, optimiser, checkpoints, the loop.
+
+A stage provides an initial `TrainState`, a jitted `train_step(state, batch, rng)
+-> (state, metrics)` and a `batch_fn(step) -> batch`; `run` does the rest:
+restore-latest-or-init from the stage's Orbax checkpoints, per-step keys from
+`fold_in(base, step)` (so a resumed run is bit-identical), progress with
+steps/s and ETA, metrics, a stop on a non-finite loss naming the step, and
+checkpoints every `checkpoint_every` steps and at the end.
+"""
+
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A training loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Parameters, optimiser state and (optionally) an EMA of the parameters."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any = None
+
+  @classmethod
+  def create(cls, params, tx, ema=False):
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=tx.init(params),
+               ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+  def apply_gradients(self, grads, tx, ema_decay=None):
+    """One optimiser update (and EMA update when this state keeps one)."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema = self.ema_params
+    if ema is not None:
+      ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
+                        ema_params=ema)
+
+
+def make_optimizer(learning_rate, num_steps, *, warmup_steps=0, grad_clip=0.0,
+                   weight_decay=0.0):
+  """Adam(W) with linear warm-up, cosine decay and optional global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, max(1, min(warmup_steps, num_steps - 1)), max(2, num_steps),
+      end_value=0.1 * learning_rate)
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+  parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def checkpoint_manager(directory, max_to_keep=2):
+  """An Orbax CheckpointManager for one stage (multi-host aware by default)."""
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                      create=True))
+
+
+def restore_latest(manager, target):
+  """Restores the latest checkpoint into `target`'s structure, or returns None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+class Progress:
+  """Logs steps/s and ETA every `every` steps (and at the last step)."""
+
+  def __init__(self, name, total, start=0, every=100):
+    self.name, self.total, self.every = name, total, every
+    self._t0, self._s0 = time.perf_counter(), start
+
+  def __call__(self, step, metrics=None):
+    """Logs when `step` (1-based count of finished steps) is due."""
+    if step % self.every and step != self.total:
+      return
+    elapsed = time.perf_counter() - self._t0
+    rate = (step - self._s0) / max(elapsed, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    text = " ".join(f"{k}={float(v):.4g}" for k, v in sorted((metrics or {}).items()))
+    logging.info("[%s] step %d/%d  %.2f steps/s  ETA %s  %s", self.name, step,
+                 self.total, rate, _hms(eta), text)
+
+
+def _hms(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def check_finite(metrics, step, name):
+  """Raises NonFiniteLossError naming the stage and step if any metric is not finite."""
+  bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise NonFiniteLossError(f"[{name}] non-finite {bad} at step {step}; "
+                             "lower the learning rate or check the inputs")
+
+
+def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng,
+        manager, writer=None, log_every=100, checkpoint_every=1000):
+  """Trains `state` to `num_steps`, resuming from `manager`'s latest checkpoint.
+
+  Args:
+    name: stage name (log and metric prefix).
+    state: freshly initialised TrainState (used as the restore target).
+    train_step: jitted (state, batch, rng) -> (state, metrics dict of scalars).
+    batch_fn: step -> batch (must be a pure function of the step for resumes to
+      be exact).
+    num_steps: total steps.
+    rng: base key; step s uses fold_in(rng, s).
+    manager: the stage's CheckpointManager.
+    writer: optional `sbmae.metrics.Writer`.
+    log_every: steps between progress lines and metric writes.
+    checkpoint_every: steps between checkpoints.
+
+  Returns:
+    The final TrainState.
+  """
+  restored = restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info("[%s] resumed at step %d", name, int(state.step))
+  start = int(state.step)
+  progress = Progress(name, num_steps, start, log_every)
+  pending = []
+  for step in range(start, num_steps):
+    state, metrics = train_step(state, batch_fn(step), jax.random.fold_in(rng, step))
+    pending.append(metrics)
+    done = step + 1
+    log_now = done % log_every == 0 or done == num_steps
+    save_now = done % checkpoint_every == 0 or done == num_steps
+    if log_now or save_now:
+      # Fetching metrics synchronises with the device, so only here; every step
+      # is checked before a checkpoint can store a non-finite state.
+      host = jax.device_get(pending)
+      pending = []
+      for i, m in enumerate(host):
+        check_finite(m, done - len(host) + i + 1, name)
+      mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+      if log_now:
+        progress(done, mean)
+        if writer is not None:
+          writer.scalars(done, mean, prefix=f"{name}/train")
+    if save_now:
+      manager.save(done, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  return state
+
+
+def is_finished(manager, num_steps):
+  """Whether the stage behind `manager` reached `num_steps`."""
+  step = manager.latest_step()
+  return step is not None and step >= num_steps
