@@ -32,7 +32,10 @@ def get_config(arg=""):
     config.log_every = 20
     config.checkpoint_every = 100
     config.classifier.update(width=16, num_steps=150, batch_size=64)
+    config.autoencoder.update(widths=(16, 32, 32), num_steps=200, batch_size=64,
+                              warmup_steps=20)
   elif "cpu" in tokens:
     config.log_every = 50
-    config.classifier.update(width=16, num_steps=1500, batch_size=128)
+    config.classifier.update(width=32, num_steps=3000, batch_size=128)
+    config.autoencoder.update(widths=(32, 64, 128), num_steps=3000, batch_size=128)
   return config

@@ -2,8 +2,8 @@
 
 One CNN per modality (not one shared network), because the field's coherence
 protocol (MoPoE, MMVAE+) scores each modality with its own classifier. The M
-networks' parameters are stacked on a leading axis and trained together in one
-jitted step (see `sbmae.models.stacked`). The checkpoint is reused by `evaluate` for coherence and
+networks' parameters live in a dict keyed by modality and are trained together
+in one jitted step (see `sbmae.modalities`). The checkpoint is reused by `evaluate` for coherence and
 for the classifier-feature Frechet distance (`fd_clf`).
 """
 
@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sbmae import modalities
 from sbmae import training
 from sbmae.data import pipeline
 from sbmae.models import classifier as classifier_model
-from sbmae.models import stacked
 
 STAGE = "classifier"
 
@@ -28,18 +28,18 @@ def build_model(config):
   return classifier_model.DigitClassifier(width=config.classifier.width)
 
 
-def init_params(model, rng, num_modalities):
-  """Stacked parameters [M, ...] of M independent classifiers."""
+def init_params(model, rng, names):
+  """Dict name -> parameters of one independent classifier per modality."""
   dummy = jnp.zeros((1, 28, 28, 3), jnp.float32)
-  return stacked.init_each(lambda k: model.init(k, dummy), rng, num_modalities)
+  return {n: model.init(jax.random.fold_in(rng, k), dummy) for k, n in enumerate(names)}
 
 
-def get_loss_fn(model, names):
+
+def get_loss_fn(model):
   """loss_fn(params, batch) -> (mean cross-entropy over modalities, metrics)."""
 
   def loss_fn(params, batch):
-    images = pipeline.stack(batch, names)  # [M, B, 28, 28, 3]
-    logits = stacked.apply_each(model.apply, params, images)
+    logits = jnp.stack(list(modalities.apply_each(model.apply, params, batch).values()))
     labels = jnp.broadcast_to(batch["label"], logits.shape[:2])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -61,25 +61,26 @@ def make_train_step(loss_fn, tx):
 
 
 def logits_fn(model):
-  """Jitted (stacked params, images [M, B, 28, 28, 3]) -> logits [M, B, 10]."""
-  return jax.jit(functools.partial(stacked.apply_each, model.apply))
+  """Jitted (params, {name: images [B, 28, 28, 3]}) -> {name: logits [B, 10]}."""
+  return jax.jit(functools.partial(modalities.apply_each, model.apply))
 
 
 def features_fn(model):
-  """Jitted (stacked params, images [M, B, ...]) -> penultimate features [M, B, F]."""
-  return jax.jit(functools.partial(stacked.apply_each,
-                                   functools.partial(model.apply, features=True)))
+  """Jitted (params, {name: images}) -> {name: penultimate features [B, F]}."""
+  features = functools.partial(model.apply, features=True)
+  return jax.jit(functools.partial(modalities.apply_each, features))
 
 
 def accuracy(model, params, arrays, names, batch_size=1000):
   """Per-modality test accuracy: dict name -> float."""
   predict = logits_fn(model)
-  correct, total = np.zeros(len(names)), 0
+  correct, total = dict.fromkeys(names, 0), 0
   for batch in pipeline.eval_batches(arrays, batch_size):
-    logits = predict(params, pipeline.stack(batch, names))
-    correct += np.asarray(jnp.sum(jnp.argmax(logits, -1) == batch["label"], axis=1))
+    logits = predict(params, {n: batch[n] for n in names})
+    for n in names:
+      correct[n] += int(jnp.sum(jnp.argmax(logits[n], -1) == batch["label"]))
     total += len(batch["label"])
-  return {n: float(c / total) for n, c in zip(names, correct)}
+  return {n: correct[n] / total for n in names}
 
 
 def train(config, workdir, splits, writer):
@@ -92,20 +93,19 @@ def train(config, workdir, splits, writer):
     writer: metrics Writer.
 
   Returns:
-    (model, stacked params).
+    (model, dict name -> params).
   """
   c = config.classifier
   names = [f"m{k}" for k in range(config.data.num_modalities)]
   model = build_model(config)
   tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=100)
   rng = jax.random.PRNGKey(config.seed)
-  state = training.TrainState.create(init_params(model, jax.random.fold_in(rng, 0),
-                                                 len(names)), tx)
+  state = training.TrainState.create(init_params(model, jax.random.fold_in(rng, 0), names), tx)
   manager = training.checkpoint_manager(pathlib.Path(workdir) / STAGE / "checkpoints")
   train_arrays = pipeline.modality_arrays(splits["train"])
   ds = pipeline.dataset(train_arrays, c.batch_size, seed=config.seed)
   state = training.run(
-      STAGE, state, make_train_step(get_loss_fn(model, names), tx), ds.__getitem__,
+      STAGE, state, make_train_step(get_loss_fn(model), tx), ds.__getitem__,
       num_steps=c.num_steps, rng=jax.random.fold_in(rng, 1), manager=manager,
       writer=writer, log_every=config.log_every,
       checkpoint_every=config.checkpoint_every)

@@ -42,22 +42,23 @@ class ReductionConfig:
   """Settings of `fit`; the defaults suit N ~ 1e4 samples of D ~ 10..1000 dims.
 
   Attributes:
-    parametrisation: form of s_theta. "lowrank": s(x) = A phi(W^T x) with
-      A, W in R^{D x k}, phi(u) = u + h(u), h an MLP on R^k (linear term plus
-      nonlinear residual, both confined to rank k; penalised). "linear_mlp":
-      s(x) = B x + MLP(x), B a full D x D matrix. "mlp": s(x) = MLP(x).
-    bottleneck: k of "lowrank", capped at D; bounds the rank of H.
+    parametrisation: form of s_theta. All but "mlp" add the fixed closed-form
+      linear fit B_0 x of `linear_fit` (exact for Gaussian latents) to a
+      learned nonlinear residual. "lowrank": residual A h(W^T x), A, W in
+      R^{D x k}, h an MLP on R^k, with a penalty on A and W. "linear_mlp":
+      residual MLP(x) on R^D. "mlp": s(x) = MLP(x), nothing else.
+    bottleneck: k of "lowrank", capped at D; bounds the residual's rank.
     width: hidden width of the MLP (h or the full-input net).
     depth: number of hidden layers of that MLP.
     divergence: "exact" (trace of the Jacobian by forward-mode, one jvp per
       traced dimension: k for "lowrank", D otherwise) or "hutchinson"
       (Rademacher probes; unbiased). Linear terms always use their exact trace.
     num_probes: Hutchinson probes per sample.
-    penalty: coefficient c of the penalty c/2 (||A||^2 + ||W||^2) ("lowrank";
-      at the optimum over factorisations this is c ||A W^T||_*, which shrinks
-      the linear part's singular values by c and so removes directions that
-      are sampling noise) or c/2 ||B||^2 ("linear_mlp"). It is multiplied by
-      sqrt(D / n_train), the scale of the noise in an empirical covariance.
+    threshold_grid: thresholds tried by the closed-form linear part B_0
+      (`linear_fit`), in units of sqrt(D / n_train).
+    penalty: coefficient c of the "lowrank" penalty c/2 (||A||^2 + ||W||^2),
+      times sqrt(D / n_train); at the optimum over factorisations it is
+      c ||A W^T||_*, which keeps the residual's rank low.
     weight_decay: decoupled (AdamW) weight decay on the MLP weights.
     learning_rate: peak Adam learning rate (cosine decay to 1% at max_steps).
     batch_size: training batch, also the batch of the H accumulation.
@@ -77,7 +78,8 @@ class ReductionConfig:
   depth: int = 2
   divergence: str = "hutchinson"
   num_probes: int = 1
-  penalty: float = 0.5
+  threshold_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+  penalty: float = 1.0
   weight_decay: float = 1e-4
   learning_rate: float = 1e-3
   batch_size: int = 256
@@ -121,26 +123,30 @@ def make_config(config=None) -> ReductionConfig:
 
 
 class MLP(nn.Module):
-  """GELU MLP whose last layer starts at zero (so s_theta starts at 0)."""
+  """GELU MLP; its last layer starts at zero unless `zero_output` is False."""
   features: int
   width: int
   depth: int
+  zero_output: bool = True
 
   @nn.compact
   def __call__(self, x):
     for _ in range(self.depth):
       x = nn.gelu(nn.Dense(self.width)(x))
-    return nn.Dense(self.features, kernel_init=nn.initializers.zeros)(x)
+    init = nn.initializers.zeros if self.zero_output else nn.linear.default_kernel_init
+    return nn.Dense(self.features, kernel_init=init)(x)
 
 
 class ScoreRatioModel(NamedTuple):
   """Pure functions of a score-ratio parametrisation.
 
-  init(rng) -> params; score(params, x[B, D]) -> s[B, D];
+  init(rng, linear [D, D]) -> params (`linear`: the fixed matrix B_0 of
+  `linear_fit`, stored under params["linear"] and never trained);
+  score(params, x[B, D]) -> s[B, D];
   score_and_divergence(params, x[B, D], rng) -> (s[B, D], div s[B]);
-  penalty(params) -> scalar regulariser (unscaled sum of squares).
+  penalty(params) -> the sum of squares that the penalty coefficient scales.
   """
-  init: Callable[[jax.Array], Params]
+  init: Callable[..., Params]
   score: Callable[[Params, jax.Array], jax.Array]
   score_and_divergence: Callable[..., tuple[jax.Array, jax.Array]]
   penalty: Callable[[Params], jax.Array]
@@ -160,68 +166,116 @@ def _weighted_trace(f, u, rng, weight, mode, num_probes):
   return jnp.mean(jnp.sum(left * jv, axis=-1))
 
 
+def linear_fit(x_train, x_held_out, grid):
+  """Closed-form linear score ratio s(x) = B_0 x, guarded against noise.
+
+  The minimiser of F over linear maps is I - Sigma^{-1}, i.e. diag(1 - 1/sigma)
+  in the eigenbasis V of the training second moment. With gamma = D / n,
+  sampling noise alone spreads sigma over the Marchenko-Pastur bulk
+  [(1 - sqrt(gamma))^2, (1 + sqrt(gamma))^2], so three shrinkers are tried:
+  soft thresholding, b = sign(sigma - 1) max(|sigma - 1| - lam, 0) / sigma (the
+  minimiser of F + lam ||B||_*); hard thresholding, b = (1 - 1/sigma)
+  [|sigma - 1| > lam]; and the spiked-covariance rule, b = 1 - 1/s_eff outside
+  the bulk (0 inside), where ell solves sigma = ell (1 + gamma / (ell - 1)) and
+  s_eff = 1 + c^2 (ell - 1) is the population variance along the sample
+  eigenvector (c^2 its squared cosine with the spike). The candidate with the
+  best held-out F is kept.
+
+  Args:
+    x_train: [n, D] whitened training samples.
+    x_held_out: [m, D] whitened held-out samples.
+    grid: thresholds lam to try, in units of sqrt(gamma).
+
+  Returns:
+    (B_0 [D, D], name of the chosen rule, its held-out F).
+  """
+  n, dim = x_train.shape
+  gamma = dim / n
+  sigma, v = jnp.linalg.eigh(x_train.T @ x_train / n)
+  # Held-out second moment along v: F(B) = sum_i b_i^2 s_i / 2 + b_i - b_i s_i.
+  s_held = jnp.sum((x_held_out @ v) ** 2, axis=0) / x_held_out.shape[0]
+  lams = jnp.asarray(grid, jnp.float32)[:, None] * math.sqrt(gamma)
+  gap = jnp.abs(sigma - 1)
+  soft = jnp.sign(sigma - 1) * jnp.maximum(gap - lams, 0) / sigma
+  hard = jnp.where(gap > lams, 1 - 1 / sigma, 0.0)
+  q = 1 + sigma - gamma
+  root = jnp.sqrt(jnp.maximum(q**2 - 4 * sigma, 0))
+  ell = jnp.where(sigma > 1, q + root, q - root) / 2
+  cos2 = jnp.clip((1 - gamma / (ell - 1)**2) / (1 + gamma / (ell - 1)), 0, 1)
+  outside = ((sigma > (1 + math.sqrt(gamma))**2)
+             | (sigma < (1 - math.sqrt(gamma))**2))
+  spiked = jnp.where(outside, 1 - 1 / (1 + cos2 * (ell - 1)), 0.0)
+  b = jnp.concatenate([soft, hard, spiked[None]])
+  f_held = jnp.sum(0.5 * b**2 * s_held + b - b * s_held, axis=-1)
+  best = int(jnp.argmin(f_held))
+  names = [f"{rule} threshold {lam} sqrt(D/n)" for rule in ("soft", "hard")
+           for lam in grid] + ["spiked-covariance shrinkage"]
+  return (v * b[best]) @ v.T, names[best], float(f_held[best])
+
+
 def get_model(dim: int, config: ReductionConfig) -> ScoreRatioModel:
   """Returns the score-ratio model on R^dim chosen by `config.parametrisation`."""
   mode, probes = config.divergence, config.num_probes
   kind = config.parametrisation
+  if kind not in PARAMETRISATIONS:
+    raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, "
+                     f"got {kind!r}")
+  with_linear = kind != "mlp"
+  linear = lambda p, x: x @ jax.lax.stop_gradient(p["linear"]).T
   if kind == "lowrank":
     k = min(config.bottleneck, dim)
-    net = MLP(k, config.width, config.depth)
+    # The output map A starts at zero, so h keeps a random last layer.
+    net = MLP(k, config.width, config.depth, zero_output=False)
 
-    def init(rng):
+    def init(rng, b0):
       rw, rh = jax.random.split(rng)
-      w = jax.random.normal(rw, (dim, k)) / math.sqrt(dim)
-      return {"A": jnp.zeros((dim, k)), "W": w,
+      return {"linear": b0, "A": jnp.zeros((dim, k)),
+              "W": jax.random.normal(rw, (dim, k)) / math.sqrt(dim),
               "h": net.init(rh, jnp.zeros((k,)))["params"]}
 
-    def phi(params, u):
-      return u + net.apply({"params": params["h"]}, u)
+    def residual(params, x):
+      return net.apply({"params": params["h"]}, x @ params["W"]) @ params["A"].T
 
-    def score(params, x):
-      return phi(params, x @ params["W"]) @ params["A"].T
-
-    def score_and_divergence(params, x, rng):
-      # div s = tr(W^T A J_phi(u)) = tr(W^T A) + tr(W^T A J_h(u)).
-      m = params["W"].T @ params["A"]
+    def residual_divergence(params, x, rng):
+      # div A h(W^T x) = tr(W^T A J_h(u)) at u = W^T x.
       h = lambda u: net.apply({"params": params["h"]}, u)
-      rngs = jax.random.split(rng, x.shape[0])
-      u = x @ params["W"]
-      tr_h = jax.vmap(lambda ui, ri: _weighted_trace(h, ui, ri, m, mode, probes)
-                      )(u, rngs)
-      return phi(params, u) @ params["A"].T, jnp.trace(m) + tr_h
+      m = params["W"].T @ params["A"]
+      return jax.vmap(lambda u, r: _weighted_trace(h, u, r, m, mode, probes))(
+          x @ params["W"], jax.random.split(rng, x.shape[0]))
 
     def penalty(params):
       return jnp.sum(params["A"] ** 2) + jnp.sum(params["W"] ** 2)
 
-  elif kind in ("mlp", "linear_mlp"):
+  else:
     net = MLP(dim, config.width, config.depth)
-    linear = kind == "linear_mlp"
 
-    def init(rng):
+    def init(rng, b0):
       params = {"net": net.init(rng, jnp.zeros((dim,)))["params"]}
-      if linear:
-        params["B"] = jnp.zeros((dim, dim))
-      return params
+      return dict(params, linear=b0) if with_linear else params
 
-    def score(params, x):
-      s = net.apply({"params": params["net"]}, x)
-      return s + x @ params["B"].T if linear else s
+    def residual(params, x):
+      return net.apply({"params": params["net"]}, x)
 
-    def score_and_divergence(params, x, rng):
+    def residual_divergence(params, x, rng):
       g = lambda xi: net.apply({"params": params["net"]}, xi)
-      rngs = jax.random.split(rng, x.shape[0])
-      div = jax.vmap(lambda xi, ri: _weighted_trace(g, xi, ri, None, mode, probes)
-                     )(x, rngs)
-      if linear:
-        div = div + jnp.trace(params["B"])
-      return score(params, x), div
+      return jax.vmap(lambda xi, r: _weighted_trace(g, xi, r, None, mode,
+                                                    probes))(
+          x, jax.random.split(rng, x.shape[0]))
 
     def penalty(params):
-      return jnp.sum(params["B"] ** 2) if linear else jnp.zeros(())
+      del params
+      return jnp.zeros(())
 
-  else:
-    raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, "
-                     f"got {kind!r}")
+  def score(params, x):
+    s = residual(params, x)
+    return s + linear(params, x) if with_linear else s
+
+  def score_and_divergence(params, x, rng):
+    div = residual_divergence(params, x, rng)
+    if with_linear:
+      div = div + jnp.trace(params["linear"])
+    return score(params, x), div
+
   return ScoreRatioModel(init, score, score_and_divergence, penalty)
 
 
@@ -349,21 +403,32 @@ def train_score_ratio(x_train, x_held_out, *, rng, config=None):
   cfg = make_config(config)
   n, dim = x_train.shape
   model = get_model(dim, cfg)
+  b0, linear_f = None, float("nan")
+  if cfg.parametrisation != "mlp":
+    b0, rule, linear_f = linear_fit(x_train, x_held_out, cfg.threshold_grid)
+    logging.info("reduction: linear fit (%s), held-out F %.4f", rule, linear_f)
   penalty = cfg.penalty * math.sqrt(dim / n)
   loss_fn = get_loss_fn(model, penalty)
   objective_fn = get_objective_fn(model)
   k_init, k_train, k_eval = jax.random.split(rng, 3)
   schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.max_steps,
                                          alpha=0.01)
-  # Weight decay only on the MLP kernels; the linear maps have their penalty.
-  decay_mask = lambda p: flax.traverse_util.path_aware_map(
-      lambda path, _: path[-1] == "kernel", p)
-  tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
-  state = train_state.TrainState.create(apply_fn=None,
-                                        params=model.init(k_init), tx=tx)
+  # Weight decay on the MLP kernels only (A, W have their penalty), and the
+  # closed-form linear part stays fixed.
+  labels = lambda p: flax.traverse_util.path_aware_map(
+      lambda path, _: ("frozen" if path[0] == "linear" else
+                       "decay" if path[-1] == "kernel" else "plain"), p)
+  tx = optax.multi_transform(
+      {"frozen": optax.set_to_zero(),
+       "decay": optax.adamw(schedule, weight_decay=cfg.weight_decay),
+       "plain": optax.adam(schedule)}, labels)
+  state = train_state.TrainState.create(
+      apply_fn=None, params=model.init(k_init, b0), tx=tx)
   eval_fn = lambda p: float(held_out_objective(
       objective_fn, p, x_held_out, k_eval, cfg.batch_size))
-  best_f, best_params, best_step = eval_fn(state.params), state.params, 0
+  # Copies: the state's buffers are donated to train_steps.
+  best_f, best_step = eval_fn(state.params), 0
+  best_params = jax.tree.map(jnp.copy, state.params)
   bad_evals, start = 0, time.perf_counter()
   while int(state.step) < cfg.max_steps and bad_evals < cfg.patience:
     num = min(cfg.eval_every, cfg.max_steps - int(state.step))
@@ -373,7 +438,6 @@ def train_score_ratio(x_train, x_held_out, *, rng, config=None):
     if not math.isfinite(f):
       raise FloatingPointError(f"Held-out objective is {f} at step {step}")
     if f < best_f:
-      # Copied: the state's buffers are donated to the next train_steps call.
       best_params = jax.tree.map(jnp.copy, state.params)
       best_f, best_step, bad_evals = f, step, 0
     else:
@@ -384,7 +448,8 @@ def train_score_ratio(x_train, x_held_out, *, rng, config=None):
                  metrics["objective"], metrics["penalty"], f, best_f,
                  best_step, rate, (cfg.max_steps - step) / rate)
   info = dict(held_out_objective=best_f, steps=int(state.step),
-              best_step=best_step, seconds=time.perf_counter() - start)
+              best_step=best_step, seconds=time.perf_counter() - start,
+              linear_held_out_objective=linear_f)
   return model, best_params, info
 
 
@@ -628,6 +693,7 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
   stats = dict(whiten_seconds=t_whiten, train_seconds=info["seconds"],
                diagnostic_seconds=t_h, eigh_seconds=t_eigh,
                held_out_objective=info["held_out_objective"],
+               linear_held_out_objective=info["linear_held_out_objective"],
                train_steps=info["steps"], best_step=info["best_step"])
   logging.info("reduction: whitening %.2f s, training %.1f s (%d steps, best "
                "held-out F %.4f @ %d), H blocks %.2f s, eigh %.2f s; ranks %s, "

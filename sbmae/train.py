@@ -15,12 +15,15 @@ from absl import logging
 import jax
 
 
+from sbmae import autoencoders
 from sbmae import classifier
 from sbmae import images
 from sbmae import metrics
+from sbmae import modalities
+from sbmae.data import pipeline
 from sbmae.data import polymnist
 
-STAGES = ("classifier",)
+STAGES = ("classifier", "autoencoders")
 
 
 def maybe_initialize_distributed():
@@ -77,5 +80,9 @@ def train_and_evaluate(config, workdir):
   save_examples(splits, workdir)
   if "classifier" in stages:
     classifier.train(config, workdir, splits, writer)
+  mods = modalities.polymnist(config.data.num_modalities)
+  data = {s: pipeline.modality_arrays(splits[s]) for s in splits}
+  if "autoencoders" in stages:
+    autoencoders.train(config, workdir, data, mods, writer)
   writer.close()
 

@@ -10,7 +10,6 @@ bit-identical without saving iterator state.
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,11 +26,6 @@ def modality_arrays(split, names=None):
   arrays = {name: split.images[:, k] for k, name in enumerate(names)}
   arrays["label"] = split.labels
   return arrays
-
-
-def stack(batch, names):
-  """Stacks the named modalities of a batch on a new leading axis [M, B, ...]."""
-  return jnp.stack([batch[n] for n in names])
 
 
 class _Gather:
