@@ -168,6 +168,23 @@ def encode_all(encode, params, arrays, names, batch_size=500):
   return {n: np.concatenate(v) for n, v in out.items()}
 
 
+def _init(config, modalities):
+  """(models, optimiser, freshly initialised TrainState)."""
+  c = config.autoencoder
+  models = build_models(c, modalities)
+  tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=c.warmup_steps,
+                               grad_clip=c.grad_clip)
+  params = init_params(models, modalities, jax.random.PRNGKey(config.seed + 1))
+  return models, tx, training.TrainState.create(params, tx)
+
+
+def restore(config, workdir, modalities):
+  """(models, dict name -> params) of a finished autoencoders stage."""
+  models, _, state = _init(config, modalities)
+  state = training.restore_stage(workdir, STAGE, state)
+  return models, state.params
+
+
 def train(config, workdir, data, modalities, writer):
   """Trains (or resumes / loads) the autoencoders and writes latent artefacts.
 
@@ -184,16 +201,12 @@ def train(config, workdir, data, modalities, writer):
   c = config.autoencoder
   names = [m.name for m in modalities]
   stage_dir = pathlib.Path(workdir) / STAGE
-  models = build_models(c, modalities)
-  tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=c.warmup_steps,
-                               grad_clip=c.grad_clip)
-  rng = jax.random.PRNGKey(config.seed + 1)
-  state = training.TrainState.create(init_params(models, modalities, rng), tx)
+  models, tx, state = _init(config, modalities)
   ds = pipeline.dataset(data["train"], c.batch_size, seed=config.seed + 1)
   state = training.run(
       STAGE, state, make_train_step(get_loss_fn(models, modalities, c), tx), ds.__getitem__,
-      num_steps=c.num_steps, rng=jax.random.fold_in(rng, 1),
-      manager=training.checkpoint_manager(stage_dir / "checkpoints"), writer=writer,
+      num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed + 1),
+      manager=training.checkpoint_manager(workdir, STAGE), writer=writer,
       log_every=config.log_every, checkpoint_every=config.checkpoint_every)
   params = state.params
   latents_path, stats_path = stage_dir / "latents.npz", stage_dir / "latent_stats.npz"

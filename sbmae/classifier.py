@@ -8,7 +8,6 @@ for the classifier-feature Frechet distance (`fd_clf`).
 """
 
 import functools
-import pathlib
 
 from absl import logging
 import jax
@@ -83,13 +82,29 @@ def accuracy(model, params, arrays, names, batch_size=1000):
   return {n: correct[n] / total for n in names}
 
 
-def train(config, workdir, splits, writer):
+def _init(config, names):
+  """(model, optimiser, freshly initialised TrainState)."""
+  c = config.classifier
+  model = build_model(config)
+  tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=100)
+  params = init_params(model, jax.random.PRNGKey(config.seed), names)
+  return model, tx, training.TrainState.create(params, tx)
+
+
+def restore(config, workdir, names):
+  """(model, dict name -> params) of a finished classifier stage."""
+  model, _, state = _init(config, names)
+  state = training.restore_stage(workdir, STAGE, state)
+  return model, state.params
+
+
+def train(config, workdir, data, writer):
   """Trains (or resumes, or loads when finished) the classifiers.
 
   Args:
     config: full config.
     workdir: run folder; checkpoints go to `<workdir>/classifier/checkpoints`.
-    splits: {"train": Split, "test": Split}.
+    data: {"train": arrays, "test": arrays}, arrays = dict name -> array.
     writer: metrics Writer.
 
   Returns:
@@ -97,19 +112,14 @@ def train(config, workdir, splits, writer):
   """
   c = config.classifier
   names = [f"m{k}" for k in range(config.data.num_modalities)]
-  model = build_model(config)
-  tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=100)
-  rng = jax.random.PRNGKey(config.seed)
-  state = training.TrainState.create(init_params(model, jax.random.fold_in(rng, 0), names), tx)
-  manager = training.checkpoint_manager(pathlib.Path(workdir) / STAGE / "checkpoints")
-  train_arrays = pipeline.modality_arrays(splits["train"])
-  ds = pipeline.dataset(train_arrays, c.batch_size, seed=config.seed)
+  model, tx, state = _init(config, names)
+  ds = pipeline.dataset(data["train"], c.batch_size, seed=config.seed)
   state = training.run(
       STAGE, state, make_train_step(get_loss_fn(model), tx), ds.__getitem__,
-      num_steps=c.num_steps, rng=jax.random.fold_in(rng, 1), manager=manager,
-      writer=writer, log_every=config.log_every,
-      checkpoint_every=config.checkpoint_every)
-  acc = accuracy(model, state.params, pipeline.modality_arrays(splits["test"]), names)
+      num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed),
+      manager=training.checkpoint_manager(workdir, STAGE),
+      writer=writer, log_every=config.log_every, checkpoint_every=config.checkpoint_every)
+  acc = accuracy(model, state.params, data["test"], names)
   logging.info("[classifier] test accuracy per modality: %s",
                " ".join(f"{n}={a:.4f}" for n, a in acc.items()))
   writer.scalars(c.num_steps, acc, prefix="classifier/test_accuracy")

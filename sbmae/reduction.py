@@ -34,7 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 
 Params = Any
-PARAMETRISATIONS = ("lowrank", "linear_mlp", "mlp")
+PARAMETRISATIONS = ("ridge", "lowrank", "linear_mlp", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,44 +42,48 @@ class ReductionConfig:
   """Settings of `fit`; the defaults suit N ~ 1e4 samples of D ~ 10..1000 dims.
 
   Attributes:
-    parametrisation: form of s_theta. All but "mlp" add the fixed closed-form
-      linear fit B_0 x of `linear_fit` (exact for Gaussian latents) to a
-      learned nonlinear residual. "lowrank": residual A h(W^T x), A, W in
-      R^{D x k}, h an MLP on R^k, with a penalty on A and W. "linear_mlp":
-      residual MLP(x) on R^D. "mlp": s(x) = MLP(x), nothing else.
-    bottleneck: k of "lowrank", capped at D; bounds the residual's rank.
-    width: hidden width of the MLP (h or the full-input net).
-    depth: number of hidden layers of that MLP.
-    divergence: "exact" (trace of the Jacobian by forward-mode, one jvp per
-      traced dimension: k for "lowrank", D otherwise) or "hutchinson"
-      (Rademacher probes; unbiased). Linear terms always use their exact trace.
+    parametrisation: form of s_theta. All but "mlp" are B_0 x + r(x): B_0 the
+      closed-form linear fit of `linear_fit` (exact for Gaussian latents),
+      kept fixed, and r a learned nonlinear residual. "ridge":
+      r(x) = A g(W^T x), A, W in R^{D x k}, g acting on each of its k
+      coordinates separately (a sum of k ridge functions; exact divergence in
+      one jvp). "lowrank": the same with g an MLP on R^k. "linear_mlp":
+      r = MLP on R^D. "mlp": s(x) = MLP(x) alone.
+    bottleneck: k of "ridge"/"lowrank", capped at D.
+    width: hidden width of g (per coordinate for "ridge") or of the MLP.
+    depth: hidden layers of the MLP (not used by "ridge", which has one).
+    divergence: "exact" (Jacobian trace by forward mode: k jvps for
+      "lowrank", D for the MLPs) or "hutchinson" (Rademacher probes,
+      unbiased). "ridge" and linear terms always use their exact trace.
     num_probes: Hutchinson probes per sample.
-    threshold_grid: thresholds tried by the closed-form linear part B_0
-      (`linear_fit`), in units of sqrt(D / n_train).
-    penalty: coefficient c of the "lowrank" penalty c/2 (||A||^2 + ||W||^2),
-      times sqrt(D / n_train); at the optimum over factorisations it is
-      c ||A W^T||_*, which keeps the residual's rank low.
-    weight_decay: decoupled (AdamW) weight decay on the MLP weights.
+    threshold_grid: thresholds tried by `linear_fit`, in units of
+      sqrt(D / n_train).
+    penalty: c in the penalty c sqrt(D / n_train) / 2 (||A||^2 + ||W||^2)
+      ("ridge", "lowrank"); its minimum over factorisations is a nuclear norm
+      of the residual's linear part, which keeps it off sampling noise.
+    weight_decay: decoupled (AdamW) weight decay on the nonlinear weights.
     learning_rate: peak Adam learning rate (cosine decay to 1% at max_steps).
-    batch_size: training batch, also the batch of the H accumulation.
-    max_steps: training steps at most.
+    batch_size: training batch; also the batch of evaluation and of H.
+    max_steps: training steps at most (0: the linear fit alone).
     eval_every: steps between held-out evaluations of F.
-    patience: evaluations without improvement before stopping early.
-    held_out_fraction: share of the samples kept out of training; they serve
-      early stopping and the estimate of H.
+    patience: evaluations without improvement before stopping; the
+      parameters with the best held-out F are kept, so a residual that only
+      overfits leaves the linear fit.
+    held_out_fraction: share of the samples kept out of training; they choose
+      the linear threshold, stop training and estimate H.
     min_rank: floor on every modality's rank (capped at d_m).
     max_rank: ceiling on every modality's rank; -1 for none.
-    whiten_jitter: added to the covariance's diagonal, relative to its mean
-      variance, before inversion (guards against degenerate latent dims).
+    whiten_jitter: added to each block covariance's diagonal, relative to its
+      mean variance, before inversion (guards against degenerate dims).
   """
-  parametrisation: str = "lowrank"
+  parametrisation: str = "ridge"
   bottleneck: int = 128
-  width: int = 256
+  width: int = 64
   depth: int = 2
   divergence: str = "hutchinson"
   num_probes: int = 1
   threshold_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
-  penalty: float = 1.0
+  penalty: float = 2.0
   weight_decay: float = 1e-4
   learning_rate: float = 1e-3
   batch_size: int = 256
@@ -137,13 +141,28 @@ class MLP(nn.Module):
     return nn.Dense(self.features, kernel_init=init)(x)
 
 
+class RidgeFunctions(nn.Module):
+  """k separate scalar functions g_j(u_j), each a one-hidden-layer GELU net."""
+  features: int
+  width: int
+
+  @nn.compact
+  def __call__(self, u):
+    shape = (self.features, self.width)
+    normal = nn.initializers.normal
+    w_in = self.param("kernel_in", normal(1.0), shape)
+    b_in = self.param("bias_in", normal(1.0), shape)
+    w_out = self.param("kernel_out", normal(self.width**-0.5), shape)
+    b_out = self.param("bias_out", nn.initializers.zeros, (self.features,))
+    return jnp.sum(nn.gelu(u[..., None] * w_in + b_in) * w_out, -1) + b_out
+
+
 class ScoreRatioModel(NamedTuple):
   """Pure functions of a score-ratio parametrisation.
 
-  init(rng, linear [D, D]) -> params (`linear`: the fixed matrix B_0 of
-  `linear_fit`, stored under params["linear"] and never trained);
-  score(params, x[B, D]) -> s[B, D];
-  score_and_divergence(params, x[B, D], rng) -> (s[B, D], div s[B]);
+  init(rng, b0) -> params, b0 [D, D] the linear fit (None for "mlp"), stored
+  as params["linear"] and never trained; score(params, x[B, D]) -> s[B, D];
+  score_and_divergence(params, x[B, D], rng) -> (s[B, D], div s [B]);
   penalty(params) -> the sum of squares that the penalty coefficient scales.
   """
   init: Callable[..., Params]
@@ -156,14 +175,13 @@ def _weighted_trace(f, u, rng, weight, mode, num_probes):
   """tr(weight @ J_f(u)) for one vector u, exactly or by Hutchinson probes."""
   if mode == "exact":
     jac = jax.jacfwd(f)(u)
-    return jnp.sum(jac.T * weight) if weight is not None else jnp.trace(jac)
+    return jnp.trace(jac) if weight is None else jnp.sum(jac.T * weight)
   if mode != "hutchinson":
     raise ValueError(f"Unknown divergence mode {mode!r}")
   probes = jax.random.rademacher(rng, (num_probes, u.shape[-1]), u.dtype)
   _, f_jvp = jax.linearize(f, u)
-  jv = jax.vmap(f_jvp)(probes)
   left = probes if weight is None else probes @ weight
-  return jnp.mean(jnp.sum(left * jv, axis=-1))
+  return jnp.mean(jnp.sum(left * jax.vmap(f_jvp)(probes), axis=-1))
 
 
 def linear_fit(x_train, x_held_out, grid):
@@ -178,8 +196,8 @@ def linear_fit(x_train, x_held_out, grid):
   [|sigma - 1| > lam]; and the spiked-covariance rule, b = 1 - 1/s_eff outside
   the bulk (0 inside), where ell solves sigma = ell (1 + gamma / (ell - 1)) and
   s_eff = 1 + c^2 (ell - 1) is the population variance along the sample
-  eigenvector (c^2 its squared cosine with the spike). The candidate with the
-  best held-out F is kept.
+  eigenvector (c^2 its squared cosine with the spike). F is quadratic in b, so
+  every candidate's held-out F is exact and cheap; the best is kept.
 
   Args:
     x_train: [n, D] whitened training samples.
@@ -193,7 +211,7 @@ def linear_fit(x_train, x_held_out, grid):
   gamma = dim / n
   sigma, v = jnp.linalg.eigh(x_train.T @ x_train / n)
   # Held-out second moment along v: F(B) = sum_i b_i^2 s_i / 2 + b_i - b_i s_i.
-  s_held = jnp.sum((x_held_out @ v) ** 2, axis=0) / x_held_out.shape[0]
+  s_held = jnp.mean((x_held_out @ v) ** 2, axis=0)
   lams = jnp.asarray(grid, jnp.float32)[:, None] * math.sqrt(gamma)
   gap = jnp.abs(sigma - 1)
   soft = jnp.sign(sigma - 1) * jnp.maximum(gap - lams, 0) / sigma
@@ -215,43 +233,42 @@ def linear_fit(x_train, x_held_out, grid):
 
 def get_model(dim: int, config: ReductionConfig) -> ScoreRatioModel:
   """Returns the score-ratio model on R^dim chosen by `config.parametrisation`."""
-  mode, probes = config.divergence, config.num_probes
-  kind = config.parametrisation
-  if kind not in PARAMETRISATIONS:
-    raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, "
-                     f"got {kind!r}")
-  with_linear = kind != "mlp"
-  linear = lambda p, x: x @ jax.lax.stop_gradient(p["linear"]).T
-  if kind == "lowrank":
+  mode, probes, kind = config.divergence, config.num_probes, config.parametrisation
+  if kind in ("ridge", "lowrank"):
     k = min(config.bottleneck, dim)
-    # The output map A starts at zero, so h keeps a random last layer.
-    net = MLP(k, config.width, config.depth, zero_output=False)
+    # A starts at zero, so g keeps a random last layer (else no gradient).
+    net = (RidgeFunctions(k, config.width) if kind == "ridge" else
+           MLP(k, config.width, config.depth, zero_output=False))
 
     def init(rng, b0):
-      rw, rh = jax.random.split(rng)
+      rw, rg = jax.random.split(rng)
       return {"linear": b0, "A": jnp.zeros((dim, k)),
               "W": jax.random.normal(rw, (dim, k)) / math.sqrt(dim),
-              "h": net.init(rh, jnp.zeros((k,)))["params"]}
+              "g": net.init(rg, jnp.zeros((k,)))["params"]}
 
     def residual(params, x):
-      return net.apply({"params": params["h"]}, x @ params["W"]) @ params["A"].T
+      return net.apply({"params": params["g"]}, x @ params["W"]) @ params["A"].T
 
     def residual_divergence(params, x, rng):
-      # div A h(W^T x) = tr(W^T A J_h(u)) at u = W^T x.
-      h = lambda u: net.apply({"params": params["h"]}, u)
+      # div A g(W^T x) = tr(W^T A J_g(u)) at u = W^T x.
+      g = lambda u: net.apply({"params": params["g"]}, u)
+      u = x @ params["W"]
+      if kind == "ridge":  # J_g is diagonal: one jvp along ones gives it.
+        _, dg = jax.jvp(g, (u,), (jnp.ones_like(u),))
+        return dg @ jnp.sum(params["W"] * params["A"], 0)
       m = params["W"].T @ params["A"]
-      return jax.vmap(lambda u, r: _weighted_trace(h, u, r, m, mode, probes))(
-          x @ params["W"], jax.random.split(rng, x.shape[0]))
+      return jax.vmap(lambda ui, r: _weighted_trace(g, ui, r, m, mode, probes))(
+          u, jax.random.split(rng, x.shape[0]))
 
     def penalty(params):
       return jnp.sum(params["A"] ** 2) + jnp.sum(params["W"] ** 2)
 
-  else:
+  elif kind in ("linear_mlp", "mlp"):
     net = MLP(dim, config.width, config.depth)
 
     def init(rng, b0):
       params = {"net": net.init(rng, jnp.zeros((dim,)))["params"]}
-      return dict(params, linear=b0) if with_linear else params
+      return params if kind == "mlp" else dict(params, linear=b0)
 
     def residual(params, x):
       return net.apply({"params": params["net"]}, x)
@@ -266,13 +283,19 @@ def get_model(dim: int, config: ReductionConfig) -> ScoreRatioModel:
       del params
       return jnp.zeros(())
 
+  else:
+    raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, "
+                     f"got {kind!r}")
+
   def score(params, x):
     s = residual(params, x)
-    return s + linear(params, x) if with_linear else s
+    if "linear" in params:
+      s = s + x @ jax.lax.stop_gradient(params["linear"]).T
+    return s
 
   def score_and_divergence(params, x, rng):
     div = residual_divergence(params, x, rng)
-    if with_linear:
+    if "linear" in params:
       div = div + jnp.trace(params["linear"])
     return score(params, x), div
 
@@ -413,11 +436,12 @@ def train_score_ratio(x_train, x_held_out, *, rng, config=None):
   k_init, k_train, k_eval = jax.random.split(rng, 3)
   schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.max_steps,
                                          alpha=0.01)
-  # Weight decay on the MLP kernels only (A, W have their penalty), and the
+  # Weight decay on the nonlinear kernels only (A, W have their penalty); the
   # closed-form linear part stays fixed.
   labels = lambda p: flax.traverse_util.path_aware_map(
       lambda path, _: ("frozen" if path[0] == "linear" else
-                       "decay" if path[-1] == "kernel" else "plain"), p)
+                       "decay" if path[-1].startswith("kernel") else "plain"),
+      p)
   tx = optax.multi_transform(
       {"frozen": optax.set_to_zero(),
        "decay": optax.adamw(schedule, weight_decay=cfg.weight_decay),

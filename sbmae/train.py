@@ -1,29 +1,36 @@
 """`train_and_evaluate(config, workdir)`: the pipeline's stages in order.
 
-Stages (each resumable from its Orbax checkpoint, skipped when finished):
+Stages (each resumable from its checkpoint, skipped when finished):
   classifier   -> digit classifiers for coherence (PolyMNIST only)
-  autoencoders -> one autoencoder per modality + latent whitening statistics
+  autoencoders -> one autoencoder per modality + whitened latents
   reduce       -> score-ratio dimension reduction (when config.reduction.enabled)
   prior        -> joint score model over the (reduced) latents
   evaluate     -> coherence, Frechet distances, sample grids
 """
 
+import json
 import os
 import pathlib
+import time
 
 from absl import logging
 import jax
-
+import ml_collections
 
 from sbmae import autoencoders
 from sbmae import classifier
+from sbmae import evaluate
 from sbmae import images
 from sbmae import metrics
 from sbmae import modalities
+from sbmae import multimodal
+from sbmae import prior
+from sbmae import reduction
 from sbmae.data import pipeline
 from sbmae.data import polymnist
 
-STAGES = ("classifier", "autoencoders")
+STAGES = ("classifier", "autoencoders", "reduce", "prior", "evaluate")
+REDUCTION_DIR = "reduce"
 
 
 def maybe_initialize_distributed():
@@ -43,21 +50,32 @@ def maybe_initialize_distributed():
     jax.distributed.initialize()
 
 
+def config_from_json(text):
+  """Inverse of `ConfigDict.to_json()` (lists come back as tuples)."""
+  def fix(value):
+    if isinstance(value, dict):
+      return {k: fix(v) for k, v in value.items()}
+    return tuple(value) if isinstance(value, list) else value
+  return ml_collections.ConfigDict(fix(json.loads(text)))
+
+
 def load_data(config, workdir):
-  """The data set named by `config.data.name`, cached under the workdir."""
-  cache = config.data.cache_dir or os.path.join(workdir, "data")
+  """Splits of the data set named by `config.data.name`, cached under the workdir.
+
+  Returns:
+    ({"train": arrays, "test": arrays}, modalities); arrays = dict name -> array.
+  """
   if config.data.name != "polymnist":
     raise ValueError(f"config.data.name={config.data.name!r}: expected 'polymnist'")
+  cache = config.data.cache_dir or os.path.join(workdir, "data")
   splits = polymnist.load(config.data, cache, config.seed)
-  return {"train": splits["train"].take(config.data.num_train),
-          "test": splits["test"].take(config.data.num_test)}
-
-
-def save_examples(splits, workdir, num=8):
-  """PNG grid of the first `num` train tuples (one row per tuple)."""
-  path = pathlib.Path(workdir) / "data_examples.png"
-  if jax.process_index() == 0 and not path.exists():
-    images.save_png(path, images.grid(splits["train"].images[:num]), scale=2)
+  splits = {"train": splits["train"].take(config.data.num_train),
+            "test": splits["test"].take(config.data.num_test)}
+  example_grid = pathlib.Path(workdir) / "data_examples.png"
+  if jax.process_index() == 0 and not example_grid.exists():
+    images.save_png(example_grid, images.grid(splits["train"].images[:8]), scale=2)
+  data = {s: pipeline.modality_arrays(splits[s]) for s in splits}
+  return data, modalities.polymnist(config.data.num_modalities)
 
 
 def _stages(config):
@@ -68,21 +86,77 @@ def _stages(config):
   return (config.stage,)
 
 
+def _fit_reduction(config, workdir, latents, names):
+  """Fits (or loads) the reduction and writes its plots."""
+  path = pathlib.Path(workdir) / REDUCTION_DIR
+  if (path / "reduction.json").exists():
+    return reduction.Reduction.restore(path)
+  t0 = time.perf_counter()
+  red = reduction.fit({n: latents[n] for n in names}, epsilon=config.reduction.epsilon,
+                      rng=jax.random.PRNGKey(config.seed + 2), config=config.reduction)
+  logging.info("[reduce] ranks %s, KL bound %.4f, %.1f s", red.ranks, red.kl_bound,
+               time.perf_counter() - t0)
+  if jax.process_index() == 0:
+    from sbmae import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+    plots.save_all(red, path)
+    red.save(path)
+  return red
+
+
+def build_multimodal(config, workdir):
+  """The trained MultimodalModel of `workdir` (all stages must be finished)."""
+  mods = modalities.polymnist(config.data.num_modalities)
+  names = [m.name for m in mods]
+  models, ae_params = autoencoders.restore(config, workdir, mods)
+  stats = autoencoders.LatentStats.load(pathlib.Path(workdir) / autoencoders.STAGE /
+                                        "latent_stats.npz")
+  red = (reduction.Reduction.restore(pathlib.Path(workdir) / REDUCTION_DIR)
+         if config.reduction.enabled else None)
+  dims = ([red.ranks[n] for n in names] if red is not None
+          else [config.autoencoder.latent_dim] * len(names))
+  sde, _, score_fn, params = prior.restore(config, workdir, dims)
+  return multimodal.MultimodalModel(mods, models, ae_params, stats, red, sde, score_fn,
+                                    params, config.sampling,
+                                    clean_conditioning=config.prior.mask_prob > 0)
+
+
 def train_and_evaluate(config, workdir):
   """Runs the configured stages; re-running resumes and skips finished ones."""
   stages = _stages(config)
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json(indent=1))
   writer = metrics.Writer(workdir)
-  splits = load_data(config, workdir)
+  data, mods = load_data(config, workdir)
+  names = [m.name for m in mods]
   logging.info("Data: %d train / %d test tuples of %d modalities",
-               len(splits["train"].labels), len(splits["test"].labels),
-               splits["train"].num_modalities)
-  save_examples(splits, workdir)
-  if "classifier" in stages:
-    classifier.train(config, workdir, splits, writer)
-  mods = modalities.polymnist(config.data.num_modalities)
-  data = {s: pipeline.modality_arrays(splits[s]) for s in splits}
-  if "autoencoders" in stages:
-    autoencoders.train(config, workdir, data, mods, writer)
-  writer.close()
+               len(data["train"]["label"]), len(data["test"]["label"]), len(mods))
+  timings = {}
 
+  def timed(name, fn, *args):
+    t0 = time.perf_counter()
+    result = fn(*args)
+    timings[name] = time.perf_counter() - t0
+    logging.info("[%s] stage time %.1f s", name, timings[name])
+    return result
+
+  if "classifier" in stages:
+    timed("classifier", classifier.train, config, workdir, data, writer)
+  if "autoencoders" in stages:
+    timed("autoencoders", autoencoders.train, config, workdir, data, mods, writer)
+  if {"reduce", "prior"} & set(stages):
+    latents = autoencoders.load_latents(workdir)["train"]
+  if "reduce" in stages and config.reduction.enabled:
+    timed("reduce", _fit_reduction, config, workdir, latents, names)
+  if "prior" in stages:
+    if config.reduction.enabled:
+      red = reduction.Reduction.restore(workdir / REDUCTION_DIR)
+      latents = red.project(latents)
+    timed("prior", prior.train, config, workdir, latents, names, writer)
+  if "evaluate" in stages:
+    mm = build_multimodal(config, workdir)
+    clf = classifier.restore(config, workdir, names)
+    timed("evaluate", evaluate.run, config, workdir, mm, data["test"], clf, writer)
+  writer.json("stage_times.json", timings)
+  writer.close()

@@ -8,6 +8,7 @@ steps/s and ETA, metrics, a stop on a non-finite loss naming the step, and
 checkpoints every `checkpoint_every` steps and at the end.
 """
 
+import pathlib
 import time
 from typing import Any, Callable
 
@@ -60,11 +61,11 @@ def make_optimizer(learning_rate, num_steps, *, warmup_steps=0, grad_clip=0.0,
   return optax.chain(*parts)
 
 
-def checkpoint_manager(directory, max_to_keep=2):
-  """An Orbax CheckpointManager for one stage (multi-host aware by default)."""
+def checkpoint_manager(workdir, stage, max_to_keep=2):
+  """The Orbax CheckpointManager of `stage`: `<workdir>/<stage>/checkpoints`."""
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                      create=True))
+      pathlib.Path(workdir).absolute() / stage / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
 def restore_latest(manager, target):
@@ -74,6 +75,15 @@ def restore_latest(manager, target):
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_stage(workdir, stage, target):
+  """The latest state of a trained stage; FileNotFoundError naming it if none."""
+  state = restore_latest(checkpoint_manager(workdir, stage), target)
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/{stage}/checkpoints; run the "
+                            f"`{stage}` stage first")
+  return state
 
 
 class Progress:
@@ -135,31 +145,29 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
   start = int(state.step)
   progress = Progress(name, num_steps, start, log_every)
   pending = []
-  for step in range(start, num_steps):
-    state, metrics = train_step(state, batch_fn(step), jax.random.fold_in(rng, step))
-    pending.append(metrics)
-    done = step + 1
-    log_now = done % log_every == 0 or done == num_steps
-    save_now = done % checkpoint_every == 0 or done == num_steps
-    if log_now or save_now:
-      # Fetching metrics synchronises with the device, so only here; every step
-      # is checked before a checkpoint can store a non-finite state.
-      host = jax.device_get(pending)
-      pending = []
-      for i, m in enumerate(host):
-        check_finite(m, done - len(host) + i + 1, name)
-      mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-      if log_now:
-        progress(done, mean)
-        if writer is not None:
-          writer.scalars(done, mean, prefix=f"{name}/train")
-    if save_now:
-      manager.save(done, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
+  try:
+    for step in range(start, num_steps):
+      state, metrics = train_step(state, batch_fn(step), jax.random.fold_in(rng, step))
+      pending.append(metrics)
+      done = step + 1
+      log_now = done % log_every == 0 or done == num_steps
+      save_now = done % checkpoint_every == 0 or done == num_steps
+      if log_now or save_now:
+        # Fetching metrics synchronises with the device, so only here; every step
+        # is checked before a checkpoint can store a non-finite state.
+        host = jax.device_get(pending)
+        pending = []
+        for i, m in enumerate(host):
+          check_finite(m, done - len(host) + i + 1, name)
+        mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        if log_now:
+          progress(done, mean)
+          if writer is not None:
+            writer.scalars(done, mean, prefix=f"{name}/train")
+      if save_now:
+        manager.save(done, args=ocp.args.StandardSave(state))
+  finally:
+    # An interrupted run still completes the checkpoint it had started.
+    manager.wait_until_finished()
   return state
 
-
-def is_finished(manager, num_steps):
-  """Whether the stage behind `manager` reached `num_steps`."""
-  step = manager.latest_step()
-  return step is not None and step >= num_steps

@@ -1,0 +1,126 @@
+"""The trained system in one object: encode, sample any subset, decode.
+
+`MultimodalModel` bundles the per-modality autoencoders, the latent whitening,
+the optional reduction and the joint prior, with jitted `encode`, `decode` and
+`generate`. `load(workdir)` rebuilds it from a finished run (the only function
+here that reads files; `sbmae.sample` itself stays pure):
+
+  from sbmae import multimodal
+  mm = multimodal.load("/tmp/sbmae_quick")
+  out = mm.generate(jax.random.PRNGKey(0), {"m0": images}, observed=["m0"])
+  out["m3"]  # float32 [B, 28, 28, 3]: modality 3 generated from modality 0
+"""
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sbmae import autoencoders
+from sbmae import prior as prior_lib
+from sbmae import reduction as reduction_lib
+from sbmae import sample as sample_lib
+
+
+class MultimodalModel:
+  """Autoencoders + whitening + optional reduction + joint prior + sampler.
+
+  Attributes:
+    modalities: tuple of `sbmae.modalities.Modality`.
+    names: modality names in latent order.
+    dims: latent block sizes seen by the prior (reduced ranks when reducing).
+    reduction: a `sbmae.reduction.Reduction` or None.
+  """
+
+  def __init__(self, modalities, ae_models, ae_params, stats, reduction, sde, score_fn,
+               prior_params, sampling_config, clean_conditioning=False):
+    self.modalities = tuple(modalities)
+    self.names = tuple(m.name for m in modalities)
+    self.ae_params, self.prior_params = ae_params, prior_params
+    self.stats, self.reduction = stats, reduction
+    if reduction is None:
+      self.dims = tuple(int(stats.mean[n].shape[0]) for n in self.names)
+    else:
+      self.dims = tuple(int(reduction.ranks[n]) for n in self.names)
+    self._encode_ae = autoencoders.encode_fn(ae_models)
+    self._decode_ae = autoencoders.decode_fn(ae_models, modalities)
+    self.sampler = sample_lib.get_sampler(
+        sde, score_fn, self.dims, num_steps=sampling_config.num_steps,
+        corrector_steps=sampling_config.corrector_steps, snr=sampling_config.snr,
+        eps=sampling_config.eps, clean_conditioning=clean_conditioning)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def latents_to_flat(self, latents):
+    """Whitened per-modality latents -> the prior's flat latent [B, D]."""
+    if self.reduction is not None:
+      latents = self.reduction.project(latents)
+    return prior_lib.flatten(latents, self.names)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def flat_to_latents(self, flat, rng=None):
+    """The prior's flat latent -> whitened per-modality latents.
+
+    With a reduction, the discarded directions are drawn from N(0, I) when `rng`
+    is given (exact sampling from the ridge approximation) and set to 0 (the
+    mean) otherwise.
+    """
+    latents = prior_lib.unflatten(flat, self.names, self.dims)
+    if self.reduction is not None:
+      latents = self.reduction.lift(latents, rng)
+    return latents
+
+  def encode(self, batch):
+    """dict name -> data [B, ...] for every modality -> flat latent [B, D]."""
+    z = self._encode_ae(self.ae_params, {n: batch[n] for n in self.names})
+    return self.latents_to_flat(self.stats.whiten(z))
+
+  def decode(self, flat, rng=None):
+    """Flat latent [B, D] -> dict name -> decoder mean [B, ...]."""
+    z = self.stats.unwhiten(self.flat_to_latents(flat, rng))
+    return self._decode_ae(self.ae_params, z)
+
+  def generate(self, rng, batch, observed, decode_rng=None):
+    """Samples the unobserved modalities given the observed ones.
+
+    Args:
+      rng: sampling key.
+      batch: dict name -> data [B, ...] holding at least the observed modalities.
+      observed: names of the observed modalities (may be empty), or a bool
+        mask [M] / [B, M] in `names` order.
+      decode_rng: optional key for the discarded directions (see `flat_to_latents`).
+
+    Returns:
+      dict name -> [B, ...]: observed modalities reconstructed through their
+      autoencoders, the others generated.
+    """
+    size = len(next(iter(batch.values())))
+    if isinstance(observed, (list, tuple, set)):
+      unknown = set(observed) - set(self.names)
+      if unknown:
+        raise ValueError(f"unknown modalities {sorted(unknown)}; known: {self.names}")
+      observed = np.array([n in observed for n in self.names])
+    full = {m.name: batch[m.name] if m.name in batch else
+            jnp.zeros((size,) + tuple(m.shape), jnp.float32) for m in self.modalities}
+    flat = self.encode(full)
+    latents = self.sampler(rng, self.prior_params, flat, jnp.asarray(observed, bool))
+    return self.decode(latents, decode_rng)
+
+
+def load(workdir, config=None):
+  """Rebuilds the trained `MultimodalModel` of a finished run.
+
+  Args:
+    workdir: the run folder.
+    config: the run's config; by default the one the run saved in
+      `<workdir>/config.json`.
+
+  Returns:
+    MultimodalModel with the prior's EMA parameters.
+  """
+  from sbmae import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+  workdir = pathlib.Path(workdir)
+  if config is None:
+    config = train.config_from_json((workdir / "config.json").read_text())
+  return train.build_multimodal(config, workdir)

@@ -1,0 +1,98 @@
+"""Stage `prior`: the joint score model over the concatenated (reduced) latents.
+
+Denoising score matching under the configured SDE (`sbmae.sde`), an EMA of the
+parameters (used for sampling), optional random modality masking
+(`config.prior.mask_prob`, see `sbmae.losses`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sbmae import losses
+from sbmae import sde as sde_lib
+from sbmae import training
+from sbmae.data import pipeline
+from sbmae.models import score
+
+STAGE = "prior"
+
+
+def flatten(latents, names):
+  """dict name -> [N, d_m]  to  [N, D] in the order of `names`."""
+  return jnp.concatenate([jnp.asarray(latents[n]) for n in names], axis=-1)
+
+
+def unflatten(flat, names, dims):
+  """[N, D] to dict name -> [N, d_m] (inverse of `flatten`)."""
+  splits = np.cumsum(dims)[:-1]
+  return dict(zip(names, jnp.split(flat, splits, axis=-1)))
+
+
+def build(config, dims):
+  """(sde, model, score_fn) for latent block sizes `dims`."""
+  sde = sde_lib.get_sde(config.sde)
+  model = score.get_model(config.prior, dims)
+  return sde, model, score.get_score_fn(sde, model)
+
+
+def init_params(model, rng, dim):
+  x = jnp.zeros((1, dim), jnp.float32)
+  return model.init(rng, x, jnp.ones((1,), jnp.float32), jnp.zeros_like(x))["params"]
+
+
+def make_train_step(loss_fn, tx, ema_decay):
+  """Jitted (state, batch, rng) -> (state, metrics), EMA updated every step."""
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state, batch, rng):
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch["z"])
+    return state.apply_gradients(grads, tx, ema_decay), metrics
+
+  return train_step
+
+
+def train(config, workdir, latents, names, writer):
+  """Trains (or resumes / loads) the joint prior on `latents`.
+
+  Args:
+    config: full config.
+    workdir: run folder (checkpoints in `<workdir>/prior/checkpoints`).
+    latents: dict name -> float [N, d_m] training latents (whitened, maybe reduced).
+    names: modality order of the flat latent.
+    writer: metrics Writer.
+
+  Returns:
+    (sde, model, score_fn, ema params, dims).
+  """
+  c = config.prior
+  dims = tuple(int(latents[n].shape[-1]) for n in names)
+  sde, model, score_fn, tx, state = _init(config, dims)
+  flat = np.asarray(flatten(latents, names), np.float32)
+  ds = pipeline.dataset({"z": flat}, c.batch_size, seed=config.seed + 3)
+  loss_fn = losses.get_dsm_loss_fn(sde, model, dims, mask_prob=c.mask_prob, eps=c.eps)
+  state = training.run(
+      STAGE, state, make_train_step(loss_fn, tx, c.ema_decay), ds.__getitem__,
+      num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed + 3),
+      manager=training.checkpoint_manager(workdir, STAGE), writer=writer,
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every)
+  return sde, model, score_fn, state.ema_params, dims
+
+
+def _init(config, dims):
+  """(sde, model, score_fn, optimiser, freshly initialised TrainState with EMA)."""
+  c = config.prior
+  sde, model, score_fn = build(config, dims)
+  tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=c.warmup_steps,
+                               grad_clip=c.grad_clip)
+  params = init_params(model, jax.random.PRNGKey(config.seed + 3), sum(dims))
+  return sde, model, score_fn, tx, training.TrainState.create(params, tx, ema=True)
+
+
+def restore(config, workdir, dims):
+  """(sde, model, score_fn, EMA params) of a finished prior stage."""
+  sde, model, score_fn, _, state = _init(config, dims)
+  state = training.restore_stage(workdir, STAGE, state)
+  return sde, model, score_fn, state.ema_params

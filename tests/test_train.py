@@ -1,0 +1,116 @@
+"""End-to-end tests of the pipeline on the quick config (tiny sizes, 2 steps)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import polymnist as polymnist_config
+from sbmae import autoencoders
+from sbmae import multimodal
+from sbmae import train
+from sbmae import training
+
+
+def tiny_config(**stage_steps):
+  config = polymnist_config.get_config("quick")
+  config.data.num_train, config.data.num_test = 256, 64
+  config.log_every = config.checkpoint_every = 1
+  config.classifier.update(num_steps=2, batch_size=16)
+  config.autoencoder.update(widths=(8, 8, 8), latent_dim=16, num_steps=2, batch_size=16)
+  config.prior.update(hidden=32, num_layers=1, num_steps=2, batch_size=16)
+  config.sampling.update(num_steps=3, batch_size=8)
+  config.eval.update(num_examples=8, num_unconditional=8, grid_examples=2, max_subsets=2)
+  for stage, steps in stage_steps.items():
+    config[stage].num_steps = steps
+  return config
+
+
+def test_two_step_pipeline_writes_every_output(tmp_path):
+  train.train_and_evaluate(tiny_config(), tmp_path)
+  for name in ("data_examples.png", "config.json", "classifier/test_accuracy.json",
+               "autoencoders/latents.npz", "autoencoders/reconstructions.png",
+               "eval/metrics.json", "eval/unconditional.png",
+               "eval/conditional_given_m0.png", "stage_times.json"):
+    assert (tmp_path / name).exists(), name
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  result = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+  for k in range(1, 5):
+    assert 0.0 <= result[f"coherence/conditional_k{k}"] <= 1.0
+  assert {f"fd_clf/m{k}" for k in range(5)} <= set(result)
+  assert np.isfinite(result["fd_clf/m0"])
+  # The saved run can be loaded and used by other code.
+  mm = multimodal.load(tmp_path)
+  batch = {"m1": np.full((3, 28, 28, 3), 0.5, np.float32)}
+  out = mm.generate(jax.random.PRNGKey(0), batch, observed=["m1"])
+  assert set(out) == set(mm.names) and out["m0"].shape == (3, 28, 28, 3)
+  assert np.all(np.isfinite(out["m4"]))
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch):
+  config = tiny_config(autoencoder=4)
+  config.stage = "autoencoders"
+  config.checkpoint_every = 2
+  train.train_and_evaluate(config, tmp_path / "straight")
+
+  real_run = training.run
+
+  def run_then_die(name, state, train_step, *args, **kwargs):
+    calls = []
+
+    def dying_step(state, batch, rng):
+      calls.append(1)
+      if len(calls) == 3:  # dies during step 3, after the step-2 checkpoint.
+        raise _Interrupt()
+      return train_step(state, batch, rng)
+
+    return real_run(name, state, dying_step, *args, **kwargs)
+
+  monkeypatch.setattr(training, "run", run_then_die)
+  with pytest.raises(_Interrupt):
+    train.train_and_evaluate(config, tmp_path / "killed")
+  monkeypatch.setattr(training, "run", real_run)
+  checkpoints = tmp_path / "killed" / "autoencoders" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2"]
+  train.train_and_evaluate(config, tmp_path / "killed")  # the same command again
+
+  mods = train.load_data(config, tmp_path / "straight")[1]
+  _, straight = autoencoders.restore(config, tmp_path / "straight", mods)
+  _, resumed = autoencoders.restore(config, tmp_path / "killed", mods)
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+
+def test_non_finite_loss_names_the_step(tmp_path):
+  config = tiny_config(autoencoder=6)
+  config.stage = "autoencoders"
+  config.autoencoder.update(learning_rate=1e30, grad_clip=0.0, warmup_steps=0)
+  with pytest.raises(training.NonFiniteLossError, match=r"\[autoencoders\] non-finite .* at step \d"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_bad_config_values_are_named():
+  config = tiny_config()
+  config.stage = "priors"
+  with pytest.raises(ValueError, match="config.stage='priors'"):
+    train.train_and_evaluate(config, "/tmp/unused")
+  with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['fast'\]"):
+    polymnist_config.get_config("quick,fast")
+
+
+def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sbmae.main", "--config=configs/polymnist.py:quick",
+       f"--workdir={tmp_path}", "--config.prior.num_step=3"],
+      capture_output=True, text=True, timeout=120, check=False,
+      cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode != 0
+  assert "num_step" in result.stderr and 'Did you mean "num_steps"' in result.stderr
+  assert not (tmp_path / "data").exists()  # stopped before doing any work
