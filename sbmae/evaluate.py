@@ -79,7 +79,7 @@ def conditional_coherence(mm, clf_logits, clf_params, flat, labels, subsets, rng
   return out
 
 
-def run(config, workdir, mm, test_arrays, clf, writer):
+def run(config, workdir, mm, test_arrays, writer):
   """Evaluates a trained MultimodalModel; writes metrics JSON, TensorBoard and PNGs.
 
   Args:
@@ -87,7 +87,6 @@ def run(config, workdir, mm, test_arrays, clf, writer):
     workdir: run folder; results go to `<workdir>/eval/`.
     mm: `sbmae.multimodal.MultimodalModel`.
     test_arrays: dict name -> test array (uint8 images) and "label".
-    clf: (classifier model, dict name -> params).
     writer: metrics Writer.
 
   Returns:
@@ -100,7 +99,7 @@ def run(config, workdir, mm, test_arrays, clf, writer):
   batch = {k: jnp.asarray(test_arrays[k][:n], jnp.float32) / 255.0 for k in names}
   labels = np.asarray(test_arrays["label"][:n])
   flat = mm.encode(batch)
-  clf_model, clf_params = clf
+  clf_model, clf_params = classifier_lib.restore(config, workdir, names)
   clf_logits = classifier_lib.logits_fn(clf_model)
   bs = config.sampling.batch_size
   metrics, per_subset = {}, {}

@@ -74,7 +74,9 @@ class ReductionConfig:
     min_rank: floor on every modality's rank (capped at d_m).
     max_rank: ceiling on every modality's rank; -1 for none.
     whiten_jitter: added to each block covariance's diagonal, relative to its
-      mean variance, before inversion (guards against degenerate dims).
+      mean variance, so that exactly degenerate blocks still invert. Keep it
+      tiny: a direction whose variance is not far above it is not whitened
+      to unit variance and then looks informative (drop dead dims instead).
   """
   parametrisation: str = "ridge"
   bottleneck: int = 128
@@ -83,9 +85,9 @@ class ReductionConfig:
   divergence: str = "hutchinson"
   num_probes: int = 1
   threshold_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
-  penalty: float = 2.0
+  penalty: float = 0.5
   weight_decay: float = 1e-4
-  learning_rate: float = 1e-3
+  learning_rate: float = 3e-3
   batch_size: int = 256
   max_steps: int = 4000
   eval_every: int = 100
@@ -93,7 +95,7 @@ class ReductionConfig:
   held_out_fraction: float = 0.2
   min_rank: int = 1
   max_rank: int = -1
-  whiten_jitter: float = 1e-6
+  whiten_jitter: float = 1e-9
 
 
 # Keys of the project's `config.reduction` section that are not fit settings.
@@ -101,14 +103,10 @@ _NOT_FIT_KEYS = ("enabled", "epsilon")
 
 
 def make_config(config=None) -> ReductionConfig:
-  """Builds a ReductionConfig from None, a ReductionConfig or a mapping.
+  """ReductionConfig from None (defaults), itself, or a mapping/ConfigDict.
 
-  Args:
-    config: None (defaults), a ReductionConfig, or a mapping / ConfigDict whose
-      keys are ReductionConfig fields (plus the ignored "enabled", "epsilon").
-
-  Returns:
-    The ReductionConfig; missing fields take their defaults.
+  A mapping may hold any subset of the fields (the rest take their defaults)
+  plus the project's "enabled" and "epsilon", which are ignored here.
   """
   if config is None:
     return ReductionConfig()
@@ -122,10 +120,6 @@ def make_config(config=None) -> ReductionConfig:
   return ReductionConfig(**{k: v for k, v in items.items() if k in fields})
 
 
-# ----------------------------------------------------------------------------
-# Score-ratio networks.
-
-
 class MLP(nn.Module):
   """GELU MLP; its last layer starts at zero unless `zero_output` is False."""
   features: int
@@ -137,7 +131,8 @@ class MLP(nn.Module):
   def __call__(self, x):
     for _ in range(self.depth):
       x = nn.gelu(nn.Dense(self.width)(x))
-    init = nn.initializers.zeros if self.zero_output else nn.linear.default_kernel_init
+    init = (nn.initializers.zeros if self.zero_output else
+            nn.linear.default_kernel_init)
     return nn.Dense(self.features, kernel_init=init)(x)
 
 
@@ -210,6 +205,7 @@ def linear_fit(x_train, x_held_out, grid):
   n, dim = x_train.shape
   gamma = dim / n
   sigma, v = jnp.linalg.eigh(x_train.T @ x_train / n)
+  sigma = jnp.maximum(sigma, 1e-6)  # a constant direction would give 1/0
   # Held-out second moment along v: F(B) = sum_i b_i^2 s_i / 2 + b_i - b_i s_i.
   s_held = jnp.mean((x_held_out @ v) ** 2, axis=0)
   lams = jnp.asarray(grid, jnp.float32)[:, None] * math.sqrt(gamma)
@@ -420,13 +416,14 @@ def train_score_ratio(x_train, x_held_out, *, rng, config=None):
 
   Returns:
     (model, params, info): the ScoreRatioModel, the parameters with the best
-    held-out F, and a dict with "held_out_objective" (best F), "steps",
-    "best_step" and "seconds".
+    held-out F, and a dict with "held_out_objective" (that F),
+    "linear_held_out_objective" (F of the linear fit alone, if any),
+    "train_steps" and "best_step".
   """
   cfg = make_config(config)
   n, dim = x_train.shape
   model = get_model(dim, cfg)
-  b0, linear_f = None, float("nan")
+  b0 = None
   if cfg.parametrisation != "mlp":
     b0, rule, linear_f = linear_fit(x_train, x_held_out, cfg.threshold_grid)
     logging.info("reduction: linear fit (%s), held-out F %.4f", rule, linear_f)
@@ -471,17 +468,14 @@ def train_score_ratio(x_train, x_held_out, *, rng, config=None):
                  "%.4f (best %.4f @ %d); %.1f steps/s, ETA <= %.0f s", step,
                  metrics["objective"], metrics["penalty"], f, best_f,
                  best_step, rate, (cfg.max_steps - step) / rate)
-  info = dict(held_out_objective=best_f, steps=int(state.step),
-              best_step=best_step, seconds=time.perf_counter() - start,
-              linear_held_out_objective=linear_f)
+  info = dict(held_out_objective=best_f, train_steps=int(state.step),
+              best_step=best_step)
+  if b0 is not None:
+    info["linear_held_out_objective"] = linear_f
   return model, best_params, info
 
 
-# ----------------------------------------------------------------------------
-# Whitening, rank selection and the fitted reduction.
-
-
-def whitening(z, jitter: float = 1e-6):
+def whitening(z, jitter: float = 1e-9):
   """Empirical whitening of one block: x = L^T (z - mu), L L^T the precision.
 
   Computed in float64 on the host (d x d matrices only).
@@ -693,8 +687,11 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
   x_held, x_train = x[perm[:n_held]], x[perm[n_held:]]
   t_whiten = time.perf_counter() - t0
 
+  t0 = time.perf_counter()
   model, params, info = train_score_ratio(x_train, x_held, rng=k_train,
                                           config=cfg)
+  t_train = time.perf_counter() - t0
+
   t0 = time.perf_counter()
   sums, count = diagnostic_blocks(model.score, params, x_held, dims,
                                   cfg.batch_size)
@@ -712,16 +709,13 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
 
   ranks, kl_bound = select_ranks(eigvals, epsilon, cfg.min_rank, cfg.max_rank)
   if kl_bound >= epsilon:
-    logging.warning("Rank ceilings leave the KL bound at %.3f >= epsilon %.3f",
+    logging.warning("reduction: KL bound %.3f >= epsilon %.3f (rank ceilings)",
                     kl_bound, epsilon)
-  stats = dict(whiten_seconds=t_whiten, train_seconds=info["seconds"],
-               diagnostic_seconds=t_h, eigh_seconds=t_eigh,
-               held_out_objective=info["held_out_objective"],
-               linear_held_out_objective=info["linear_held_out_objective"],
-               train_steps=info["steps"], best_step=info["best_step"])
+  stats = dict(whiten_seconds=t_whiten, train_seconds=t_train,
+               diagnostic_seconds=t_h, eigh_seconds=t_eigh, **info)
   logging.info("reduction: whitening %.2f s, training %.1f s (%d steps, best "
                "held-out F %.4f @ %d), H blocks %.2f s, eigh %.2f s; ranks %s, "
-               "KL bound %.4f", t_whiten, info["seconds"], info["steps"],
+               "KL bound %.4f", t_whiten, t_train, info["train_steps"],
                info["held_out_objective"], info["best_step"], t_h, t_eigh,
                dict(zip(names, ranks)), kl_bound)
   as_dict = lambda arrays: dict(zip(names, (jnp.asarray(a) for a in arrays)))

@@ -59,14 +59,8 @@ def config_from_json(text):
   return ml_collections.ConfigDict(fix(json.loads(text)))
 
 
-def load_data(config, workdir):
-  """Splits of the data set named by `config.data.name`, cached under the workdir.
-
-  Returns:
-    ({"train": arrays, "test": arrays}, modalities); arrays = dict name -> array.
-  """
-  if config.data.name != "polymnist":
-    raise ValueError(f"config.data.name={config.data.name!r}: expected 'polymnist'")
+def _polymnist(config, workdir):
+  """PolyMNIST splits (built once, cached) as dicts of arrays."""
   cache = config.data.cache_dir or os.path.join(workdir, "data")
   splits = polymnist.load(config.data, cache, config.seed)
   splits = {"train": splits["train"].take(config.data.num_train),
@@ -74,8 +68,32 @@ def load_data(config, workdir):
   example_grid = pathlib.Path(workdir) / "data_examples.png"
   if jax.process_index() == 0 and not example_grid.exists():
     images.save_png(example_grid, images.grid(splits["train"].images[:8]), scale=2)
-  data = {s: pipeline.modality_arrays(splits[s]) for s in splits}
-  return data, modalities.polymnist(config.data.num_modalities)
+  return {s: pipeline.modality_arrays(splits[s]) for s in splits}
+
+
+# name -> (loader(config, workdir) -> {"train": arrays, "test": arrays},
+#          modalities(config) -> tuple of Modality, evaluator, needs_classifier)
+DATASETS = {
+    "polymnist": (_polymnist, lambda c: modalities.polymnist(c.data.num_modalities),
+                  evaluate.run, True),
+}
+
+
+def _dataset(config):
+  if config.data.name not in DATASETS:
+    raise ValueError(f"config.data.name={config.data.name!r}: expected one of "
+                     f"{sorted(DATASETS)}")
+  return DATASETS[config.data.name]
+
+
+def load_data(config, workdir):
+  """Splits of the data set named by `config.data.name`, cached under the workdir.
+
+  Returns:
+    ({"train": arrays, "test": arrays}, modalities); arrays = dict name -> array.
+  """
+  loader, mods, _, _ = _dataset(config)
+  return loader(config, workdir), mods(config)
 
 
 def _stages(config):
@@ -105,7 +123,7 @@ def _fit_reduction(config, workdir, latents, names):
 
 def build_multimodal(config, workdir):
   """The trained MultimodalModel of `workdir` (all stages must be finished)."""
-  mods = modalities.polymnist(config.data.num_modalities)
+  mods = _dataset(config)[1](config)
   names = [m.name for m in mods]
   models, ae_params = autoencoders.restore(config, workdir, mods)
   stats = autoencoders.LatentStats.load(pathlib.Path(workdir) / autoencoders.STAGE /
@@ -131,7 +149,7 @@ def train_and_evaluate(config, workdir):
   data, mods = load_data(config, workdir)
   names = [m.name for m in mods]
   logging.info("Data: %d train / %d test tuples of %d modalities",
-               len(data["train"]["label"]), len(data["test"]["label"]), len(mods))
+               len(data["train"][names[0]]), len(data["test"][names[0]]), len(mods))
   timings = {}
 
   def timed(name, fn, *args):
@@ -141,7 +159,8 @@ def train_and_evaluate(config, workdir):
     logging.info("[%s] stage time %.1f s", name, timings[name])
     return result
 
-  if "classifier" in stages:
+  _, _, evaluator, needs_classifier = _dataset(config)
+  if "classifier" in stages and needs_classifier:
     timed("classifier", classifier.train, config, workdir, data, writer)
   if "autoencoders" in stages:
     timed("autoencoders", autoencoders.train, config, workdir, data, mods, writer)
@@ -156,7 +175,6 @@ def train_and_evaluate(config, workdir):
     timed("prior", prior.train, config, workdir, latents, names, writer)
   if "evaluate" in stages:
     mm = build_multimodal(config, workdir)
-    clf = classifier.restore(config, workdir, names)
-    timed("evaluate", evaluate.run, config, workdir, mm, data["test"], clf, writer)
+    timed("evaluate", evaluator, config, workdir, mm, data["test"], writer)
   writer.json("stage_times.json", timings)
   writer.close()

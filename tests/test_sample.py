@@ -115,6 +115,23 @@ def test_unconditional_matches_gaussian_and_wrong_scores_fail():
     assert not (mean_err < tol_mean and cov_err < tol_cov), (mean_err, cov_err)
 
 
+def test_final_denoising_is_tweedie_mean():
+  """Stopping at a large eps exposes the final step: E[x_0 | x_t] of x_t ~ p_t.
+
+  For Gaussian data, with C = a^2 Sigma + s^2 I, the denoised mean
+  mu + a Sigma C^-1 (x_t - a mu) has mean mu and covariance a^2 Sigma C^-1 Sigma.
+  """
+  t_end = 0.3
+  sampler = sample_lib.get_sampler(SDE, _analytic_score_fn(MU, SIGMA), DIMS,
+                                   num_steps=60, corrector_steps=1, eps=t_end)
+  x = _run(sampler, np.zeros(sum(DIMS)), np.zeros(len(DIMS), bool))
+  a, s = (float(v) for v in SDE.marginal_coeffs(t_end))
+  c = a ** 2 * SIGMA + s ** 2 * np.eye(len(MU))
+  mean_err, cov_err = _whitened_errors(
+      x, MU, a ** 2 * SIGMA @ np.linalg.solve(c, SIGMA))
+  assert mean_err < 0.08 and cov_err < 0.12, (mean_err, cov_err)
+
+
 def test_conditional_by_replacement_matches_gaussian_conditional():
   """Diffused-observation replacement, every non-trivial subset of modalities.
 
@@ -137,6 +154,43 @@ def test_conditional_by_replacement_matches_gaussian_conditional():
     mean, cov, _ = _conditional(MU, SIGMA, coords, y)
     mean_err, cov_err = _whitened_errors(x[:, ~coords], mean, cov)
     assert mean_err < 0.2 and cov_err < 0.12, (mask, mean_err, cov_err)
+
+
+@pytest.mark.parametrize("clean_conditioning", [False, True])
+def test_what_the_model_sees_on_observed_coordinates(clean_conditioning):
+  """Every score evaluation sees y diffused to t with fresh noise (or clean y)."""
+  mask = np.array([False, True, True])
+  coords = np.repeat(mask, DIMS)
+  y = _observation()
+  seen = []
+
+  def probe_score_fn(params, x, t, clean_mask):
+    del params
+    jax.debug.callback(lambda *a: seen.append([np.asarray(v) for v in a]),
+                       t, x, clean_mask)
+    return jnp.zeros_like(x)
+
+  num_steps, corrector_steps = 4, 2
+  sampler = sample_lib.get_sampler(
+      SDE, probe_score_fn, DIMS, num_steps=num_steps,
+      corrector_steps=corrector_steps, clean_conditioning=clean_conditioning)
+  jax.block_until_ready(_run(sampler, y, mask))
+  assert len(seen) == num_steps * (1 + corrector_steps) + 1
+  previous_noise = None
+  for t, x, clean in seen:
+    assert np.all(t == t[0])
+    np.testing.assert_array_equal(clean, np.broadcast_to(
+        coords if clean_conditioning else np.zeros_like(coords), clean.shape))
+    if clean_conditioning:
+      np.testing.assert_array_equal(x[:, coords], np.broadcast_to(
+          y[coords].astype(np.float32), (NUM, coords.sum())))
+      continue
+    a, s = (float(v) for v in SDE.marginal_coeffs(t[0]))
+    noise = (x[:, coords] - a * y[coords]) / s
+    assert np.abs(noise.mean(0)).max() < 0.08 and np.abs(noise.std(0) - 1).max() < 0.06
+    if previous_noise is not None:  # fresh noise at every evaluation
+      assert np.abs(np.mean(noise * previous_noise, axis=0)).max() < 0.08
+    previous_noise = noise
 
 
 def test_clean_conditioning_with_exact_conditional_score():
@@ -289,22 +343,32 @@ def test_dsm_loss_masking():
   assert float(l2) == pytest.approx(1.0, abs=0.08)
 
 
+def _random_params(model, d, scale=0.1):
+  """Random parameters of the right shapes without compiling `init`.
+
+  Compiling a U-Net's init (a hundred truncated-normal draws) takes XLA ~10 s
+  on this CPU; the tests below only need some non-degenerate weights.
+  """
+  shapes = jax.eval_shape(lambda: _init(model, d))
+  leaves, tree = jax.tree_util.tree_flatten(shapes)
+  rs = np.random.RandomState(0)
+  return jax.tree_util.tree_unflatten(
+      tree, [jnp.asarray(scale * rs.randn(*l.shape), jnp.float32) for l in leaves])
+
+
 def test_latent_unet_shapes_and_errors():
   dims = (16, 16, 16)
   model = score_lib.LatentUNet(dims=dims, width=8, mults=(1, 2), num_res_blocks=1,
                                time_embed_dim=16)
-  params = _init(model, 48)
-  x = jax.random.normal(jax.random.PRNGKey(1), (3, 48))
-  out = model.apply({"params": params}, x, jnp.full((3,), 0.5), jnp.zeros((3, 48)))
-  assert out.shape == (3, 48)
-  # Once trained (here: perturbed away from the zero-init output layer) every
-  # modality's output depends on every modality's latent: the U-Net mixes
-  # them. Rows: x, then x with modality k's block shifted.
-  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)
-  shifted = jnp.stack([x[0]] + [x[0].at[16 * k:16 * (k + 1)].add(1.0)
-                                for k in range(3)])
-  out = model.apply({"params": params}, shifted, jnp.full((4,), 0.5),
-                    jnp.zeros((4, 48)))
+  params = _random_params(model, 48)
+  x = jax.random.normal(jax.random.PRNGKey(1), (48,))
+  # With generic weights every modality's output depends on every modality's
+  # latent: the U-Net mixes them. Rows: x, then x with block k shifted.
+  shifted = jnp.stack([x] + [x.at[16 * k:16 * (k + 1)].add(1.0)
+                             for k in range(3)])
+  out = jax.jit(model.apply)({"params": params}, shifted, jnp.full((4,), 0.5),
+                             jnp.zeros((4, 48)))
+  assert out.shape == (4, 48)
   change = np.abs(np.asarray(out[1:] - out[:1])).reshape(3, 3, 16).sum(-1)
   assert np.all(np.isfinite(change)) and np.all(change > 1e-4), change
   for bad_dims, match in [((16, 9, 16), "same perfect square"),
@@ -312,7 +376,7 @@ def test_latent_unet_shapes_and_errors():
                           ((4, 4), "not divisible")]:
     bad = score_lib.LatentUNet(dims=bad_dims, width=8, mults=(1, 2, 2))
     with pytest.raises(ValueError, match=match):
-      _init(bad, sum(bad_dims))
+      _random_params(bad, sum(bad_dims))
 
 
 def test_get_model_from_config():

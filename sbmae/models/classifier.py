@@ -1,17 +1,20 @@
-"""Digit classifier used to score coherence (one per modality, params stacked)."""
+"""Digit classifier used to score coherence (one per modality)."""
 
 import flax.linen as nn
 
 
 class DigitClassifier(nn.Module):
-  """Small strided CNN: 28x28x3 in [0, 1] -> 10 logits; `features` gives the
-  penultimate activations used by the classifier-feature Frechet distance."""
+  """Small strided CNN: 28x28x3 in [0, 1] -> 10 logits.
+
+  `features=True` returns the penultimate activations used by the
+  classifier-feature Frechet distance.
+  """
   width: int = 32
   num_classes: int = 10
+  dropout: float = 0.3
 
   @nn.compact
   def __call__(self, x, train=False, features=False):
-    del train  # no dropout / batch norm: the same function in train and eval.
     x = 2.0 * x - 1.0
     for mult in (1, 2, 4):
       x = nn.Conv(self.width * mult, (3, 3), strides=(2, 2))(x)
@@ -21,4 +24,5 @@ class DigitClassifier(nn.Module):
     h = nn.gelu(nn.Dense(4 * self.width)(x.reshape(x.shape[:-3] + (-1,))))
     if features:
       return h
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return nn.Dense(self.num_classes)(h)

@@ -1,0 +1,125 @@
+"""PNG plots of a fitted dimension reduction (sbmae.reduction.Reduction).
+
+Each function takes a Reduction and an output path and writes one figure:
+the eigenvalue spectra of the diagnostic blocks H_mm, the KL bound against the
+total rank, and the chosen rank of every modality.
+"""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only; no display on the training machines.
+import matplotlib.pyplot as plt
+import numpy as np
+
+# Eigenvalues at or below this are drawn at it (a log axis cannot show 0).
+_FLOOR = 1e-8
+
+
+def _save(fig, path):
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
+def bound_curve(reduction):
+  """KL bound of the best ridge approximation of every total rank.
+
+  Args:
+    reduction: a fitted Reduction.
+
+  Returns:
+    [D + 1] array; entry r is 1/2 * (sum of all pooled eigenvalues but the r
+    largest), the bound reached by keeping the r largest over all blocks.
+  """
+  pooled = np.concatenate([np.asarray(reduction.eigenvalues[n], np.float64)
+                           for n in reduction.names])
+  pooled = np.sort(np.clip(pooled, 0, None))[::-1]
+  tails = np.concatenate([np.cumsum(pooled[::-1])[::-1], [0.0]])
+  return 0.5 * tails
+
+
+def plot_spectra(reduction, path):
+  """Eigenvalues of each H_mm (log scale), the kept ones marked.
+
+  Args:
+    reduction: a fitted Reduction.
+    path: PNG file to write.
+  """
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in reduction.names:
+    lam = np.maximum(np.asarray(reduction.eigenvalues[name]), _FLOOR)
+    idx = np.arange(1, len(lam) + 1)
+    line, = ax.semilogy(idx, lam, "-", lw=1.2, label=name)
+    r = reduction.ranks[name]
+    ax.semilogy(idx[:r], lam[:r], "o", ms=4, color=line.get_color())
+  ax.set_xlabel("index i")
+  ax.set_ylabel("eigenvalue of H_mm")
+  ax.set_title("Diagnostic spectra per modality (dots: kept directions)")
+  ax.legend(fontsize=7, ncol=2)
+  ax.grid(True, which="both", alpha=0.3)
+  _save(fig, path)
+
+
+def plot_kl_bound(reduction, path):
+  """KL bound versus total rank, with epsilon and the chosen total rank.
+
+  Args:
+    reduction: a fitted Reduction.
+    path: PNG file to write.
+  """
+  curve = bound_curve(reduction)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.semilogy(np.arange(len(curve)), np.maximum(curve, _FLOOR), "-",
+              label="1/2 (discarded eigenvalues), best blocks")
+  ax.axhline(reduction.epsilon, color="gray", ls="--",
+             label=f"epsilon = {reduction.epsilon:g}")
+  total = sum(reduction.ranks.values())
+  ax.plot([total], [max(reduction.kl_bound, _FLOOR)], "o", color="C3",
+          label=f"chosen: rank {total}, bound {reduction.kl_bound:.3g}")
+  ax.set_xlabel("total rank sum_m r_m")
+  ax.set_ylabel("bound on KL(pi || pi_W) (nats)")
+  ax.legend(fontsize=8)
+  ax.grid(True, which="both", alpha=0.3)
+  _save(fig, path)
+
+
+def plot_ranks(reduction, path):
+  """Chosen rank r_m against latent size d_m for each modality.
+
+  Args:
+    reduction: a fitted Reduction.
+    path: PNG file to write.
+  """
+  names = reduction.names
+  x = np.arange(len(names))
+  fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names) + 2), 4))
+  ax.bar(x, [reduction.dims[n] for n in names], color="0.85", label="d_m")
+  ax.bar(x, [reduction.ranks[n] for n in names], color="C0", label="r_m")
+  for i, n in enumerate(names):
+    ax.text(i, reduction.ranks[n], str(reduction.ranks[n]), ha="center",
+            va="bottom", fontsize=8)
+  ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0)
+  ax.set_ylabel("dimensions")
+  ax.set_title(f"Chosen ranks (KL bound {reduction.kl_bound:.3g})")
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
+def plot_all(reduction, out_dir):
+  """Writes spectra.png, kl_bound.png and ranks.png under out_dir.
+
+  Args:
+    reduction: a fitted Reduction.
+    out_dir: folder for the three files.
+
+  Returns:
+    The three paths.
+  """
+  out_dir = pathlib.Path(out_dir)
+  paths = [out_dir / f for f in ("spectra.png", "kl_bound.png", "ranks.png")]
+  for fn, path in zip((plot_spectra, plot_kl_bound, plot_ranks), paths):
+    fn(reduction, path)
+  return paths

@@ -1,0 +1,291 @@
+"""Tests of sbmae.reduction against closed forms.
+
+Gaussian latents have a linear score ratio, so the diagnostic matrix is known:
+for whitened x ~ N(0, Sigma), s(x) = (I - Sigma^{-1}) x and
+H = Sigma - 2 I + Sigma^{-1}. A bimodal direction's eigenvalue is a 1-D
+integral. Run: JAX_PLATFORMS=cpu pytest tests/test_reduction.py
+"""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sbmae import plots
+from sbmae import reduction
+
+D = 6  # size of each test block
+RHOS = (0.8, 0.6)  # canonical correlations between blocks "a" and "b"
+N = 10000
+
+
+def _angle(u, v):
+  """Largest principal angle between the column spans of u and v."""
+  u = np.linalg.qr(np.asarray(u, np.float64))[0]
+  v = np.linalg.qr(np.asarray(v, np.float64))[0]
+  cos = np.linalg.svd(u.T @ v, compute_uv=False)
+  return float(np.arccos(np.clip(cos.min(), -1.0, 1.0)))
+
+
+def _mixing(rs, d):
+  """A random invertible map and offset, so the raw latents need whitening."""
+  return rs.randn(d, d) + 2 * np.eye(d), rs.randn(d)
+
+
+def _coupled_gaussian(seed):
+  """Blocks a, b ~ N(0, I) coupled by C = u diag(RHOS) v^T; c independent.
+
+  Returns:
+    (latents, mixing matrices of a and b, analytic H_aa and H_bb in the
+    coordinates before mixing).
+  """
+  rs = np.random.RandomState(seed)
+  u = np.linalg.qr(rs.randn(D, len(RHOS)))[0]
+  v = np.linalg.qr(rs.randn(D, len(RHOS)))[0]
+  c = (u * RHOS) @ v.T
+  sigma = np.block([[np.eye(D), c], [c.T, np.eye(D)]])
+  h = sigma - 2 * np.eye(2 * D) + np.linalg.inv(sigma)
+  x = rs.multivariate_normal(np.zeros(2 * D), sigma, size=N)
+  (ma, mua), (mb, mub) = _mixing(rs, D), _mixing(rs, D)
+  latents = {"a": mua + x[:, :D] @ ma.T, "b": mub + x[:, D:] @ mb.T,
+             "c": 3.0 * rs.randn(N, D) + 1.0}
+  return latents, (ma, mb), (h[:D, :D], h[D:, D:])
+
+
+@pytest.fixture(scope="module")
+def gaussian_fit():
+  latents, mixing, h_true = _coupled_gaussian(0)
+  red = reduction.fit(latents, epsilon=0.1, rng=jax.random.key(0),
+                      config=reduction.ReductionConfig(min_rank=0))
+  return latents, mixing, h_true, red
+
+
+def test_coupled_blocks_match_analytic_h(gaussian_fit):
+  _, mixing, h_true, red = gaussian_fit
+  for name, m, h in zip("ab", mixing, h_true):
+    lam_true, vec_true = np.linalg.eigh(h)
+    lam_true, vec_true = lam_true[::-1], vec_true[:, ::-1]
+    lam = np.asarray(red.eigenvalues[name])
+    r = len(RHOS)
+    np.testing.assert_allclose(lam[:r], lam_true[:r], rtol=0.15)
+    assert np.all(lam[r:] < 0.03)
+    # x_white = Q x with Q = L^T M (orthogonal up to sampling error).
+    q = np.asarray(red.whiteners[name], np.float64) @ m
+    assert _angle(q @ vec_true[:, :r], red.eigenvectors[name][:, :r]) < 0.15
+    assert red.ranks[name] == r
+
+
+def test_independent_block_gets_rank_zero(gaussian_fit):
+  _, _, _, red = gaussian_fit
+  assert red.ranks["c"] == 0
+  assert 0.5 * float(jnp.sum(red.eigenvalues["c"])) < 0.02
+  assert red.kl_bound < red.epsilon
+
+
+def test_fit_whitens_each_block(gaussian_fit):
+  latents, _, _, red = gaussian_fit
+  for name, x in red.whiten(latents).items():
+    x = np.asarray(x, np.float64)
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(x, rowvar=False, bias=True), np.eye(D),
+                               atol=1e-3)
+    np.testing.assert_allclose(red.unwhiten({name: x})[name], latents[name],
+                               rtol=1e-4, atol=1e-3)
+
+
+def _bimodal_eigenvalue(a):
+  """E[(d/dy log p(y) + y)^2] for p = (N(-a, 1 - a^2) + N(a, 1 - a^2)) / 2."""
+  var = 1 - a * a
+  y = np.linspace(-9, 9, 200001)
+  g_plus, g_minus = np.exp(-(y - a)**2 / (2 * var)), np.exp(-(y + a)**2 / (2 * var))
+  p = 0.5 * (g_plus + g_minus) / np.sqrt(2 * np.pi * var)
+  dlogp = -((y - a) * g_plus + (y + a) * g_minus) / (var * (g_plus + g_minus))
+  return float(np.sum(p * (dlogp + y)**2) * (y[1] - y[0]))
+
+
+def test_bimodal_subspace_and_rank():
+  rs = np.random.RandomState(1)
+  a = 0.9
+  rot = np.linalg.qr(rs.randn(D, D))[0]
+  y = rs.randn(N, D)
+  y[:, :2] = rs.choice([-a, a], size=(N, 2)) + np.sqrt(1 - a * a) * rs.randn(N, 2)
+  m, mu = _mixing(rs, D)
+  latents = {"b": mu + (y @ rot.T) @ m.T, "g": rs.randn(N, 4)}
+  red = reduction.fit(latents, epsilon=0.3, rng=jax.random.key(1),
+                      config=reduction.ReductionConfig(min_rank=0))
+  assert red.ranks == {"b": 2, "g": 0}
+  q = np.asarray(red.whiteners["b"], np.float64) @ m
+  assert _angle(q @ rot[:, :2], red.bases["b"]) < 0.15
+  # Eigenvalue of each bimodal direction: about 2.94 for a = 0.9.
+  np.testing.assert_allclose(red.eigenvalues["b"][:2], _bimodal_eigenvalue(a),
+                             rtol=0.25)
+
+
+def _manual_reduction(seed=0, dims=(5, 3), ranks=(2, 0)):
+  """A Reduction with random whitening and bases, no fitting involved."""
+  rs = np.random.RandomState(seed)
+  names = tuple(f"m{i}" for i in range(len(dims)))
+  fields = {k: {} for k in ("means", "whiteners", "unwhiteners", "eigenvalues",
+                            "eigenvectors")}
+  for name, d in zip(names, dims):
+    w = np.linalg.cholesky(np.cov(rs.randn(d, 3 * d)) + np.eye(d)).T
+    fields["means"][name] = jnp.asarray(rs.randn(d), jnp.float32)
+    fields["whiteners"][name] = jnp.asarray(w, jnp.float32)
+    fields["unwhiteners"][name] = jnp.asarray(np.linalg.inv(w), jnp.float32)
+    fields["eigenvalues"][name] = jnp.asarray(np.sort(rs.rand(d))[::-1],
+                                              jnp.float32)
+    fields["eigenvectors"][name] = jnp.asarray(
+        np.linalg.qr(rs.randn(d, d))[0], jnp.float32)
+  return reduction.Reduction(**fields, names=names, rank_tuple=ranks,
+                             kl_bound=0.25, epsilon=0.5)
+
+
+def test_project_lift_round_trip_is_orthogonal_projection():
+  red = _manual_reduction()
+  rs = np.random.RandomState(2)
+  z = {n: jnp.asarray(rs.randn(7, d) * 2 + 1, jnp.float32)
+       for n, d in red.dims.items()}
+  y = jax.jit(lambda r, z: r.project(z))(red, z)
+  assert {n: v.shape[-1] for n, v in y.items()} == red.ranks
+  back = jax.jit(lambda r, y: r.lift(y))(red, y)
+  for n in red.names:
+    w, winv = np.asarray(red.whiteners[n]), np.asarray(red.unwhiteners[n])
+    np.testing.assert_allclose(w @ winv, np.eye(len(w)), atol=1e-5)
+    x = (np.asarray(z[n]) - np.asarray(red.means[n])) @ w.T
+    u = np.asarray(red.bases[n])
+    np.testing.assert_allclose(y[n], x @ u, atol=1e-5)
+    expected = np.asarray(red.means[n]) + (x @ u @ u.T) @ winv.T
+    np.testing.assert_allclose(back[n], expected, atol=1e-4)
+
+
+def test_lift_samples_reference_on_the_complement():
+  red = _manual_reduction(ranks=(2, 1))
+  rs = np.random.RandomState(3)
+  num = 20000
+  y = {n: jnp.asarray(np.tile(rs.randn(1, r), (num, 1)), jnp.float32)
+       for n, r in red.ranks.items()}
+  z = jax.jit(lambda r, y, k: r.lift(y, rng=k))(red, y, jax.random.key(4))
+  x = red.whiten(z)
+  for n in red.names:
+    np.testing.assert_allclose(x[n] @ red.bases[n], y[n], atol=1e-4)
+    xi = np.asarray(x[n] @ red.complements[n], np.float64)
+    np.testing.assert_allclose(xi.mean(0), 0, atol=0.03)
+    np.testing.assert_allclose(np.cov(xi, rowvar=False).reshape(len(xi.T), -1),
+                               np.eye(xi.shape[1]), atol=0.04)
+
+
+def test_select_ranks_rule():
+  blocks = ([4.0, 1.0, 0.1], [0.05, 2.0, 0.5])  # order within a block is free
+  assert reduction.select_ranks(blocks, 0.2) == ((2, 2), pytest.approx(0.075))
+  assert reduction.select_ranks(blocks, 0.05) == ((3, 2), pytest.approx(0.025))
+  # Ceilings can leave the bound above epsilon; it is still reported honestly.
+  assert reduction.select_ranks(blocks, 0.2, max_rank=1) == (
+      (1, 1), pytest.approx(0.825))
+  assert reduction.select_ranks(blocks, 10.0, min_rank=1) == (
+      (1, 1), pytest.approx(0.825))
+  assert reduction.select_ranks(blocks, 0.2, min_rank=3) == ((3, 3), 0.0)
+  # Without floors/ceilings the rule gives the smallest total rank meeting the
+  # bound: check against brute force.
+  rs = np.random.RandomState(0)
+  lams = [np.sort(rs.exponential(size=d))[::-1] for d in (4, 3, 5)]
+  eps = 0.4
+  ranks, bound = reduction.select_ranks(lams, eps)
+  best = min(sum(r) for r in itertools.product(*(range(len(l) + 1) for l in lams))
+             if 0.5 * sum(l[k:].sum() for l, k in zip(lams, r)) < eps)
+  assert sum(ranks) == best and bound < eps
+  np.testing.assert_allclose(
+      bound, 0.5 * sum(l[k:].sum() for l, k in zip(lams, ranks)))
+
+
+def test_whitening_gives_identity_covariance():
+  rs = np.random.RandomState(5)
+  m = rs.randn(4, 4) + np.eye(4)
+  z = 3.0 + rs.randn(5000, 4) @ m.T
+  mu, w, winv = reduction.whitening(z)
+  x = (z - mu) @ w.T.astype(np.float64)
+  np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(np.cov(x, rowvar=False, bias=True), np.eye(4),
+                             atol=1e-4)
+  np.testing.assert_allclose(np.tril(w.T), w.T)  # w.T = L is the Cholesky factor
+  np.testing.assert_allclose(w @ winv, np.eye(4), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", reduction.PARAMETRISATIONS)
+def test_divergence_is_the_jacobian_trace(kind):
+  dim = 7
+  config = reduction.ReductionConfig(parametrisation=kind, divergence="exact",
+                                     bottleneck=4, width=8, depth=1)
+  model = reduction.get_model(dim, config)
+  params = model.init(jax.random.key(0), jnp.eye(dim))
+  # Random values everywhere, so no term is trivially zero.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      0.5 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  x = jax.random.normal(jax.random.key(2), (5, dim))
+  s, div = model.score_and_divergence(params, x, jax.random.key(3))
+  jac = jax.vmap(jax.jacfwd(lambda xi: model.score(params, xi[None])[0]))(x)
+  np.testing.assert_allclose(s, model.score(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(div, jnp.trace(jac, axis1=1, axis2=2), rtol=1e-4,
+                             atol=1e-4)
+  if kind != "ridge":  # Hutchinson probes average to the trace.
+    probe_config = dataclasses.replace(config, divergence="hutchinson",
+                                       num_probes=20000)
+    _, div_h = reduction.get_model(dim, probe_config).score_and_divergence(
+        params, x, jax.random.key(4))
+    scale = float(jnp.abs(jac).max()) * dim
+    np.testing.assert_allclose(div_h, div, atol=0.05 * scale)
+
+
+def test_objective_of_linear_score_has_closed_form():
+  # F(B) = 1/2 tr(B S B^T) + tr(B) - tr(B S), S the second moment.
+  dim = 6
+  model = reduction.get_model(dim, reduction.ReductionConfig())
+  rs = np.random.RandomState(7)
+  b = jnp.asarray(rs.randn(dim, dim), jnp.float32)
+  x = jnp.asarray(rs.randn(500, dim) @ rs.randn(dim, dim), jnp.float32)
+  params = model.init(jax.random.key(0), b)  # residual starts at zero
+  f = reduction.get_objective_fn(model)(params, jax.random.key(1), x)
+  s2 = np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / len(x)
+  bb = np.asarray(b, np.float64)
+  expected = 0.5 * np.trace(bb @ s2 @ bb.T) + np.trace(bb) - np.trace(bb @ s2)
+  np.testing.assert_allclose(float(jnp.mean(f)), expected, rtol=1e-4)
+
+
+def test_diagnostic_blocks_match_direct_sum():
+  rs = np.random.RandomState(6)
+  dims = (3, 5, 2)
+  b = jnp.asarray(rs.randn(10, 10), jnp.float32)
+  x = jnp.asarray(rs.randn(1000, 10), jnp.float32)  # not a whole number of batches
+  score_fn = lambda params, x: x @ params.T
+  sums, count = reduction.diagnostic_blocks(score_fn, b, x, dims, 256)
+  s = np.asarray(x @ b.T, np.float64)
+  assert float(count) == 1000
+  for block, (lo, hi) in zip(sums, [(0, 3), (3, 8), (8, 10)]):
+    np.testing.assert_allclose(block, s[:, lo:hi].T @ s[:, lo:hi], rtol=1e-4,
+                               atol=1e-2)
+
+
+def test_save_restore_round_trip(tmp_path):
+  red = _manual_reduction()
+  red.save(tmp_path / "reduction")
+  back = reduction.Reduction.restore(tmp_path / "reduction")
+  assert back.names == red.names and back.ranks == red.ranks
+  assert back.kl_bound == red.kl_bound and back.epsilon == red.epsilon
+  for a, b in zip(jax.tree.leaves(red), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_plots_are_written(tmp_path):
+  red = _manual_reduction()
+  for path in plots.plot_all(red, tmp_path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  curve = plots.bound_curve(red)
+  total = sum(red.ranks.values())
+  assert curve[0] == pytest.approx(0.5 * sum(float(jnp.sum(v)) for v in
+                                             red.eigenvalues.values()))
+  assert curve[-1] == 0.0 and np.all(np.diff(curve) <= 0)
+  assert len(curve) == sum(red.dims.values()) + 1 and total <= len(curve)
