@@ -17,6 +17,7 @@ Run:
   JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet] [--peak_gflops=309]
 """
 
+import os
 import statistics
 import time
 
@@ -57,20 +58,30 @@ def _flops(compiled):
 
 
 def _median_seconds(fn, iters):
-  times = []
+  """Median wall seconds per call, and median CPU seconds of this process."""
+  wall, cpu = [], []
   for _ in range(iters):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(wall), statistics.median(cpu)
 
 
 def _report(name, seconds, items, unit, flops):
+  """Prints throughput from the wall time; CPU time helps read a shared machine.
+
+  On a machine shared with other jobs the wall time grows with the load while
+  the process's CPU seconds do not: CPU seconds / cores is then a rough
+  (optimistic, it assumes perfect parallelism) estimate of the unloaded time.
+  """
+  seconds, cpu_seconds = seconds
   gflops = flops / seconds / 1e9
   print(f"{name}: {seconds:.4f} s, {items / seconds:.1f} {unit}/s, "
         f"{flops / 1e9:.2f} GFLOP, {gflops:.1f} GFLOP/s "
-        f"({100 * gflops / FLAGS.peak_gflops:.1f}% of {FLAGS.peak_gflops:g})",
-        flush=True)
+        f"({100 * gflops / FLAGS.peak_gflops:.1f}% of {FLAGS.peak_gflops:g}); "
+        f"process CPU {cpu_seconds:.4f} s, load average "
+        f"{os.getloadavg()[0]:.1f}", flush=True)
 
 
 def bench_model(name):

@@ -9,18 +9,20 @@ bound, and the learned spectra and subspaces against the analytic ones.
 
 Run:
   JAX_PLATFORMS=cpu python bench/bench_reduction.py [--parametrisation=ridge]
+      [--plot_dir=/tmp/reduction_plots]
 """
 
 import time
 
 from absl import app
 from absl import flags
+from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
+from sbmae import plots
 from sbmae import reduction
 
 _N = flags.DEFINE_integer("num_samples", 10000, "Latent samples N.")
@@ -30,6 +32,7 @@ _EPS = flags.DEFINE_float("epsilon", 0.5, "Target KL bound.")
 _PAR = flags.DEFINE_string("parametrisation", None,
                            "Override ReductionConfig.parametrisation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Data and fit seed.")
+_PLOTS = flags.DEFINE_string("plot_dir", "", "If set, write the plots here.")
 
 RHOS = (0.9, 0.7, 0.5)
 BIMODAL_MEAN = 0.9
@@ -163,6 +166,8 @@ def main(argv):
     angle = largest_angle(q @ vec_true[:, :r], red.eigenvectors[name][:, :r])
     print(f"  {name}: {np.round(np.asarray(red.eigenvalues[name][:5]), 3)} | "
           f"{np.round(lam_true[::-1][:5], 3)}; angle(top {r}) {angle:.3f}")
+  if _PLOTS.value:
+    print("plots:", *plots.plot_all(red, _PLOTS.value))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def get_config():
       # CelebAMask-HQ only.
       path="",
       image_size=128,
+      # The last n images (by index) form the test split, the rest train; 5000
+      # is the standard first 25,000 / last 5,000.
+      test_split_size=5000,
   ))
 
   config.classifier = ml_collections.ConfigDict(dict(
@@ -72,6 +75,7 @@ def get_config():
       epsilon=0.5,  # target KL bound (nats) of the ridge approximation.
       min_rank=1,
       max_rank=-1,  # -1: no ceiling.
+      max_steps=4000,  # score-ratio training steps at most; 0: the linear fit alone.
   ))
 
   config.sde = ml_collections.ConfigDict(dict(

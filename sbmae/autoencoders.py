@@ -202,7 +202,7 @@ def train(config, workdir, data, modalities, writer):
   names = [m.name for m in modalities]
   stage_dir = pathlib.Path(workdir) / STAGE
   models, tx, state = _init(config, modalities)
-  ds = pipeline.dataset(data["train"], c.batch_size, seed=config.seed + 1)
+  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size), seed=config.seed + 1)
   state = training.run(
       STAGE, state, make_train_step(get_loss_fn(models, modalities, c), tx), ds.__getitem__,
       num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed + 1),

@@ -131,7 +131,7 @@ def train(config, workdir, data, writer):
   c = config.classifier
   names = [f"m{k}" for k in range(config.data.num_modalities)]
   model, tx, state = _init(config, names)
-  ds = pipeline.dataset(data["train"], c.batch_size, seed=config.seed)
+  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size), seed=config.seed)
   state = training.run(
       STAGE, state, make_train_step(get_loss_fn(model), tx), ds.__getitem__,
       num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed),

@@ -71,7 +71,7 @@ def train(config, workdir, latents, names, writer):
   dims = tuple(int(latents[n].shape[-1]) for n in names)
   sde, model, score_fn, tx, state = _init(config, dims)
   flat = np.asarray(flatten(latents, names), np.float32)
-  ds = pipeline.dataset({"z": flat}, c.batch_size, seed=config.seed + 3)
+  ds = pipeline.dataset({"z": flat}, training.per_process_batch(c.batch_size), seed=config.seed + 3)
   loss_fn = losses.get_dsm_loss_fn(sde, model, dims, mask_prob=c.mask_prob, eps=c.eps)
   state = training.run(
       STAGE, state, make_train_step(loss_fn, tx, c.ema_decay), ds.__getitem__,

@@ -16,16 +16,19 @@ import time
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from sbmae import autoencoders
 from sbmae import classifier
 from sbmae import evaluate
+from sbmae import evaluate_celeba
 from sbmae import images
 from sbmae import metrics
 from sbmae import modalities
 from sbmae import multimodal
 from sbmae import prior
 from sbmae import reduction
+from sbmae.data import celeba
 from sbmae.data import pipeline
 from sbmae.data import polymnist
 
@@ -71,11 +74,40 @@ def _polymnist(config, workdir):
   return {s: pipeline.modality_arrays(splits[s]) for s in splits}
 
 
+def _celeba(config, workdir):
+  """CelebAMask-HQ splits (read once from `config.data.path`, cached) as dicts of arrays.
+
+  The reader gives the binary modalities (mask, attrs) as uint8 {0, 1}; they are
+  scaled to uint8 {0, 255} here, so that every modality is uint8 and the
+  pipeline's uint8 -> [0, 1] scaling (and the evaluator's division by 255) maps
+  them to exactly {0, 1}. The image number ("index") is not a modality and is
+  dropped. `data.num_train` / `data.num_test` keep the first n of each split.
+  """
+  c = config.data
+  cache = c.cache_dir or os.path.join(workdir, "data")
+  if not c.path and not celeba.cache_path(cache, c.image_size).exists():
+    raise ValueError(f"config.data.path is empty and there is no cache in {cache}. "
+                     f"{celeba.HOW_TO_GET}")
+  splits = celeba.load_celeba(c.path, c.image_size, cache, num_test=c.test_split_size)
+  arrays = {}
+  for split, num in (("train", c.num_train), ("test", c.num_test)):
+    keep = slice(None) if num < 0 else slice(num)
+    arrays[split] = {n: splits[split][n][keep] for n in celeba.MODALITIES}
+    for n in ("mask", "attrs"):
+      arrays[split][n] = arrays[split][n] * np.uint8(255)
+  example_grid = pathlib.Path(workdir) / "data_examples.png"
+  if jax.process_index() == 0 and not example_grid.exists():
+    evaluate_celeba.save_examples(example_grid, arrays["train"], num=8)
+  return arrays
+
+
 # name -> (loader(config, workdir) -> {"train": arrays, "test": arrays},
 #          modalities(config) -> tuple of Modality, evaluator, needs_classifier)
 DATASETS = {
     "polymnist": (_polymnist, lambda c: modalities.polymnist(c.data.num_modalities),
                   evaluate.run, True),
+    "celeba": (_celeba, lambda c: modalities.celeba(c.data.image_size),
+               evaluate_celeba.run, False),
 }
 
 

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,6 +79,36 @@ def restore_latest(manager, target):
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def data_mesh(devices=None):
+  """A 1-D mesh over all devices (of all processes) with axis `data`."""
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+def replicate(tree, mesh):
+  """Places every leaf of `tree` on all devices of `mesh` (parameters, opt state)."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch, mesh):
+  """Assembles per-process host batches into global arrays split along `data`.
+
+  Each process passes its own part of the global batch (leading axis
+  global_batch / process_count), as the per-host pipeline yields it.
+  """
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def per_process_batch(global_batch, mesh=None):
+  """This process's share of `global_batch`; checks it splits over the mesh."""
+  mesh = data_mesh() if mesh is None else mesh
+  if global_batch % mesh.size:
+    raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} "
+                     "devices of the data mesh")
+  return global_batch // jax.process_count()
+
+
 def restore_stage(workdir, stage, target):
   """The latest state of a trained stage; FileNotFoundError naming it if none."""
   state = restore_latest(checkpoint_manager(workdir, stage), target)
@@ -119,35 +151,41 @@ def check_finite(metrics, step, name):
 
 
 def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng,
-        manager, writer=None, log_every=100, checkpoint_every=1000):
+        manager, writer=None, log_every=100, checkpoint_every=1000, mesh=None):
   """Trains `state` to `num_steps`, resuming from `manager`'s latest checkpoint.
 
   Args:
     name: stage name (log and metric prefix).
     state: freshly initialised TrainState (used as the restore target).
     train_step: jitted (state, batch, rng) -> (state, metrics dict of scalars).
-    batch_fn: step -> batch (must be a pure function of the step for resumes to
-      be exact).
+    batch_fn: step -> this process's part of the global batch (must be a pure
+      function of the step for resumes to be exact).
     num_steps: total steps.
     rng: base key; step s uses fold_in(rng, s).
     manager: the stage's CheckpointManager.
     writer: optional `sbmae.metrics.Writer`.
     log_every: steps between progress lines and metric writes.
     checkpoint_every: steps between checkpoints.
+    mesh: data-parallel mesh (default: all devices); the state is replicated
+      and every batch split along its `data` axis, so XLA all-reduces the
+      gradients and the global batch does not depend on the device count.
 
   Returns:
     The final TrainState.
   """
+  mesh = data_mesh() if mesh is None else mesh
   restored = restore_latest(manager, state)
   if restored is not None:
     state = restored
     logging.info("[%s] resumed at step %d", name, int(state.step))
+  state = replicate(state, mesh)
   start = int(state.step)
   progress = Progress(name, num_steps, start, log_every)
   pending = []
   try:
     for step in range(start, num_steps):
-      state, metrics = train_step(state, batch_fn(step), jax.random.fold_in(rng, step))
+      batch = shard_batch(batch_fn(step), mesh)
+      state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       pending.append(metrics)
       done = step + 1
       log_now = done % log_every == 0 or done == num_steps

@@ -11,6 +11,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -200,6 +201,17 @@ def test_select_ranks_rule():
       bound, 0.5 * sum(l[k:].sum() for l, k in zip(lams, ranks)))
 
 
+def test_config_from_project_section():
+  section = ml_collections.ConfigDict(
+      dict(enabled=True, epsilon=0.5, min_rank=2, max_rank=-1,
+           threshold_grid=[0.0, 1.0]))
+  config = reduction.make_config(section)
+  assert config.min_rank == 2 and config.threshold_grid == (0.0, 1.0)
+  assert config.parametrisation == reduction.ReductionConfig().parametrisation
+  with pytest.raises(ValueError, match="min_rnak"):
+    reduction.make_config(dict(min_rnak=2))
+
+
 def test_whitening_gives_identity_covariance():
   rs = np.random.RandomState(5)
   m = rs.randn(4, 4) + np.eye(4)
@@ -213,31 +225,49 @@ def test_whitening_gives_identity_covariance():
   np.testing.assert_allclose(w @ winv, np.eye(4), atol=1e-5)
 
 
+def _random_params(model, dim):
+  """Parameters with random values everywhere, so no term is trivially zero."""
+  leaves, treedef = jax.tree.flatten(model.init(jax.random.key(0),
+                                                jnp.eye(dim)))
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      0.5 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+
+
 @pytest.mark.parametrize("kind", reduction.PARAMETRISATIONS)
 def test_divergence_is_the_jacobian_trace(kind):
   dim = 7
   config = reduction.ReductionConfig(parametrisation=kind, divergence="exact",
                                      bottleneck=4, width=8, depth=1)
   model = reduction.get_model(dim, config)
-  params = model.init(jax.random.key(0), jnp.eye(dim))
-  # Random values everywhere, so no term is trivially zero.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      0.5 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+  params = _random_params(model, dim)
   x = jax.random.normal(jax.random.key(2), (5, dim))
-  s, div = model.score_and_divergence(params, x, jax.random.key(3))
-  jac = jax.vmap(jax.jacfwd(lambda xi: model.score(params, xi[None])[0]))(x)
-  np.testing.assert_allclose(s, model.score(params, x), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(div, jnp.trace(jac, axis1=1, axis2=2), rtol=1e-4,
-                             atol=1e-4)
-  if kind != "ridge":  # Hutchinson probes average to the trace.
-    probe_config = dataclasses.replace(config, divergence="hutchinson",
-                                       num_probes=20000)
-    _, div_h = reduction.get_model(dim, probe_config).score_and_divergence(
-        params, x, jax.random.key(4))
-    scale = float(jnp.abs(jac).max()) * dim
-    np.testing.assert_allclose(div_h, div, atol=0.05 * scale)
+
+  @jax.jit
+  def check(params, x):
+    s, div = model.score_and_divergence(params, x, jax.random.key(3))
+    jac = jax.vmap(jax.jacfwd(lambda xi: model.score(params, xi[None])[0]))(x)
+    return s, model.score(params, x), div, jnp.trace(jac, axis1=1, axis2=2)
+
+  s, s_direct, div, trace = check(params, x)
+  np.testing.assert_allclose(s, s_direct, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(div, trace, rtol=1e-4, atol=1e-4)
+
+
+def test_hutchinson_divergence_averages_to_the_trace():
+  dim = 7
+  config = reduction.ReductionConfig(parametrisation="lowrank", bottleneck=4,
+                                     width=8, depth=1, num_probes=4000)
+  model = reduction.get_model(dim, config)
+  exact = reduction.get_model(dim, dataclasses.replace(config,
+                                                       divergence="exact"))
+  params = _random_params(model, dim)
+  x = jax.random.normal(jax.random.key(2), (5, dim))
+  _, div_h = jax.jit(model.score_and_divergence)(params, x, jax.random.key(4))
+  _, div = jax.jit(exact.score_and_divergence)(params, x, jax.random.key(4))
+  assert not np.allclose(div_h, div, rtol=1e-6, atol=0)  # really estimated
+  np.testing.assert_allclose(div_h, div, rtol=0.05, atol=0.05 * float(
+      jnp.abs(div).max()))
 
 
 def test_objective_of_linear_score_has_closed_form():
@@ -248,7 +278,7 @@ def test_objective_of_linear_score_has_closed_form():
   b = jnp.asarray(rs.randn(dim, dim), jnp.float32)
   x = jnp.asarray(rs.randn(500, dim) @ rs.randn(dim, dim), jnp.float32)
   params = model.init(jax.random.key(0), b)  # residual starts at zero
-  f = reduction.get_objective_fn(model)(params, jax.random.key(1), x)
+  f = jax.jit(reduction.get_objective_fn(model))(params, jax.random.key(1), x)
   s2 = np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / len(x)
   bb = np.asarray(b, np.float64)
   expected = 0.5 * np.trace(bb @ s2 @ bb.T) + np.trace(bb) - np.trace(bb @ s2)

@@ -379,6 +379,20 @@ def test_latent_unet_shapes_and_errors():
       _random_params(bad, sum(bad_dims))
 
 
+@pytest.mark.parametrize("size,stride", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2),
+                                         (3, 1)])
+def test_conv3x3_matches_lax_convolution(size, stride):
+  """The GEMM path (outputs <= 4 positions) and the lax path agree with lax."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
+  conv = score_lib.Conv3x3(features=4, stride=stride)
+  params = conv.init(jax.random.PRNGKey(1), x)
+  expected = jax.lax.conv_general_dilated(
+      x, params["params"]["kernel"], (stride, stride), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(conv.apply(params, x), expected, rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_get_model_from_config():
   prior = dict(model="unet", hidden=32, num_layers=1, time_embed_dim=16,
                unet_width=8, unet_mults=(1, 2))

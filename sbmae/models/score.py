@@ -13,10 +13,12 @@ the usual std(t)^2 weighting, and keeps the output O(1) at every t.
 """
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sbmae import sde as sde_lib
 
@@ -71,6 +73,51 @@ class ScoreMLP(nn.Module):
     return nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(h)
 
 
+class Conv3x3(nn.Module):
+  """3x3 convolution with padding 1 (NHWC, HWIO kernel, like nn.Conv).
+
+  XLA's CPU convolution is very slow when the output is tiny: measured here,
+  a 3x3 conv of 256 x 2x2x128 runs 10-20x slower than the same FLOPs as a
+  matmul, and a U-Net over 8x8 latents has its lowest levels at 2x2 and 1x1.
+  Outputs of at most 4 positions are therefore computed as im2col + one GEMM,
+  skipping taps that only ever read padding (at 1x1 only the centre tap is
+  left); larger outputs use lax.conv_general_dilated.
+
+  Attributes:
+    features: output channels.
+    stride: spatial stride (output size ceil(input / stride)).
+    kernel_init: initialiser of the [3, 3, in, out] kernel.
+  """
+  features: int
+  stride: int = 1
+  kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, c = x.shape
+    s = self.stride
+    kernel = self.param("kernel", self.kernel_init, (3, 3, c, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    ho, wo = -(-h // s), -(-w // s)
+    if ho * wo > 4:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (s, s), ((1, 1), (1, 1)),
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y + bias
+
+    def reads_data(offset, size, out_size):  # padded index 0 and size+1 are pad.
+      return any(1 <= offset + k * s <= size for k in range(out_size))
+
+    taps = [(i, j) for i in range(3) for j in range(3)
+            if reads_data(i, h, ho) and reads_data(j, w, wo)]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate(
+        [xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+         for i, j in taps], axis=-1)
+    rows, columns = np.array(taps).T
+    return cols @ kernel[rows, columns].reshape(len(taps) * c, -1) + bias
+
+
 def _group_norm(x):
   return nn.GroupNorm(num_groups=math.gcd(32, x.shape[-1]))(x)
 
@@ -81,9 +128,9 @@ class _ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb):
-    h = nn.Conv(self.features, (3, 3))(nn.swish(_group_norm(x)))
+    h = Conv3x3(self.features)(nn.swish(_group_norm(x)))
     h = h + nn.Dense(self.features)(temb)[:, None, None, :]
-    h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros)(
+    h = Conv3x3(self.features, kernel_init=nn.initializers.zeros)(
         nn.swish(_group_norm(h)))
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features)(x)  # 1x1 projection of the skip path.
@@ -140,7 +187,7 @@ class LatentUNet(nn.Module):
 
     clean_mask = jnp.broadcast_to(clean_mask, x.shape).astype(x.dtype)
     temb = nn.swish(_time_mlp(t, b, self.time_embed_dim))
-    h = nn.Conv(self.width, (3, 3))(
+    h = Conv3x3(self.width)(
         jnp.concatenate([to_image(x), to_image(clean_mask)], axis=-1))
     skips = [h]
     for level, mult in enumerate(self.mults):
@@ -148,7 +195,7 @@ class LatentUNet(nn.Module):
         h = _ResBlock(self.width * mult)(h, temb)
         skips.append(h)
       if level != len(self.mults) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+        h = Conv3x3(h.shape[-1], stride=2)(h)
         skips.append(h)
     h = _ResBlock(h.shape[-1])(h, temb)
     h = _ResBlock(h.shape[-1])(h, temb)
@@ -158,11 +205,11 @@ class LatentUNet(nn.Module):
             jnp.concatenate([h, skips.pop()], axis=-1), temb)
       if level:
         n, hh, ww, c = h.shape
-        h = nn.Conv(c, (3, 3))(
+        h = Conv3x3(c)(
             jnp.broadcast_to(h[:, :, None, :, None, :],
                              (n, hh, 2, ww, 2, c)).reshape(n, 2 * hh, 2 * ww, c))
     h = nn.swish(_group_norm(h))
-    h = nn.Conv(m, (3, 3), kernel_init=nn.initializers.zeros)(h)
+    h = Conv3x3(m, kernel_init=nn.initializers.zeros)(h)
     return h.transpose(0, 3, 1, 2).reshape(b, m * side * side)
 
 

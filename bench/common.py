@@ -1,0 +1,45 @@
+"""Timing helpers shared by the benchmarks: medians, XLA FLOP counts, share of peak."""
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+# fp32 GEMM peak of the project's reference 2-core AVX-512 CPU (DESIGN.md).
+REFERENCE_PEAK_GFLOPS = 309.0
+
+
+def flops(compiled):
+  """FLOPs of a compiled function from XLA's cost analysis (nan if unknown)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device.
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+def median_seconds(fn, iters, warmup=1):
+  """Median wall time of `fn()` (blocked until ready) over `iters` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measured_peak_gflops(n=2048, iters=5):
+  """fp32 matmul throughput of this machine through XLA (GFLOP/s)."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  return 2 * n ** 3 / median_seconds(lambda: matmul(a), iters) / 1e9
+
+
+def report(name, seconds, items, unit, num_flops, peak_gflops):
+  """Prints time, throughput, GFLOP/s and the share of `peak_gflops`."""
+  gflops = num_flops / seconds / 1e9
+  print(f"{name}: {seconds:.4f} s, {items / seconds:,.1f} {unit}/s, "
+        f"{num_flops / 1e9:.2f} GFLOP, {gflops:.1f} GFLOP/s "
+        f"({100 * gflops / peak_gflops:.1f}% of {peak_gflops:.0f})", flush=True)
