@@ -40,17 +40,18 @@ PEAK_GFLOPS = 309.0  # fp32 GEMM peak of the 2-core benchmark machine
 
 
 def bimodal_eigenvalue(a):
-  """H eigenvalue of the unit-variance mixture (N(-a, 1-a^2) + N(a, 1-a^2))/2."""
+  """H eigenvalue of the mixture (N(-a, 1 - a^2) + N(a, 1 - a^2)) / 2."""
   var = 1 - a * a
   y = np.linspace(-9, 9, 200001)
-  g_plus, g_minus = np.exp(-(y - a)**2 / (2 * var)), np.exp(-(y + a)**2 / (2 * var))
+  g_plus = np.exp(-(y - a)**2 / (2 * var))
+  g_minus = np.exp(-(y + a)**2 / (2 * var))
   p = 0.5 * (g_plus + g_minus) / np.sqrt(2 * np.pi * var)
   dlogp = -((y - a) * g_plus + (y + a) * g_minus) / (var * (g_plus + g_minus))
   return float(np.sum(p * (dlogp + y)**2) * (y[1] - y[0]))
 
 
 def make_latents(n, m, d, seed):
-  """Returns (latents, mixing maps, analytic H blocks in unmixed coordinates)."""
+  """(latents, mixing maps, analytic H blocks in unmixed coordinates)."""
   rs = np.random.RandomState(seed)
   rho = np.asarray(RHOS)
   k = len(rho)
@@ -167,7 +168,7 @@ def main(argv):
     print(f"  {name}: {np.round(np.asarray(red.eigenvalues[name][:5]), 3)} | "
           f"{np.round(lam_true[::-1][:5], 3)}; angle(top {r}) {angle:.3f}")
   if _PLOTS.value:
-    print("plots:", *plots.plot_all(red, _PLOTS.value))
+    print("plots:", *plots.save_all(red, _PLOTS.value))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,22 @@ def get_config():
       min_rank=1,
       max_rank=-1,  # -1: no ceiling.
       max_steps=4000,  # score-ratio training steps at most; 0: the linear fit alone.
+      # Score-ratio network s(x) = B0 x + residual (see sbmae.reduction.ReductionConfig).
+      parametrisation="ridge",  # "ridge", "lowrank", "linear_mlp" or "mlp".
+      bottleneck=64,
+      width=32,
+      depth=2,
+      divergence="hutchinson",  # or "exact".
+      num_probes=1,
+      threshold_grid=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
+      penalty=0.5,
+      weight_decay=1e-4,
+      learning_rate=3e-3,
+      batch_size=256,
+      eval_every=100,
+      patience=5,
+      held_out_fraction=0.2,  # held-out latents: early stopping and the estimate of H.
+      whiten_jitter=1e-9,
   ))
 
   config.sde = ml_collections.ConfigDict(dict(

@@ -46,6 +46,7 @@ from PIL import ImageDraw
 from sbmae import evaluate
 from sbmae import frechet
 from sbmae import images
+from sbmae import inception
 from sbmae.data import celeba
 
 STAGE = "eval"
@@ -141,7 +142,6 @@ class _Scorer:
     self.real_pixels = pixel_features(truth[IMAGE])
     self.real_inception = None
     if feature_fn is not None:
-      from sbmae import inception  # pylint: disable=g-import-not-at-top  (large module)
       self.real_inception = inception.features(feature_fn, truth[IMAGE], batch_size=50)
 
   def __call__(self, output, generated):
@@ -156,7 +156,6 @@ class _Scorer:
       scores["fd_pixels"] = frechet_from_features(self.real_pixels,
                                                   pixel_features(output[IMAGE]))
       if self.feature_fn is not None:
-        from sbmae import inception  # pylint: disable=g-import-not-at-top
         scores["fid"] = frechet_from_features(
             self.real_inception,
             inception.features(self.feature_fn, output[IMAGE], batch_size=50))
@@ -192,10 +191,7 @@ def run(config, workdir, mm, test_arrays, writer):
   n = min(e.num_examples, len(test_arrays[IMAGE]))
   truth = {k: np.asarray(test_arrays[k][:n], np.float32) / 255.0 for k in names}
   flat = _chunked(lambda _, b: mm.encode(b), truth, bs)
-  feature_fn = None
-  if e.inception_path:
-    from sbmae import inception  # pylint: disable=g-import-not-at-top
-    feature_fn = inception.get_feature_fn(e.inception_path)
+  feature_fn = inception.get_feature_fn(e.inception_path) if e.inception_path else None
   score = _Scorer(truth, feature_fn)
   num_grid = min(e.grid_examples, n)
   metrics, per_subset = {}, {}
@@ -205,9 +201,9 @@ def run(config, workdir, mm, test_arrays, writer):
     per_subset[label] = score(output, generated)
     metrics.update({metric_key(k, label): v for k, v in per_subset[label].items()})
     if jax.process_index() == 0:
-      shown = {k: np.asarray(v[:num_grid]) for k, v in output.items()}
-      save_sheet(out_dir / f"{label}.png", shown, {k: v[:num_grid] for k, v in truth.items()}
-                 if show_truth else None, title=label.replace("_", " "))
+      first = lambda arrays: {k: np.asarray(v[:num_grid]) for k, v in arrays.items()}
+      save_sheet(out_dir / f"{label}.png", first(output), first(truth) if show_truth else None,
+                 title=label.replace("_", " "))
     logging.info("[eval] %s: %s (%.0f s so far)", label,
                  " ".join(f"{k}={v:.4f}" for k, v in per_subset[label].items()),
                  time.perf_counter() - t0)

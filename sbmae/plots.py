@@ -108,7 +108,7 @@ def plot_ranks(reduction, path):
   _save(fig, path)
 
 
-def plot_all(reduction, out_dir):
+def save_all(reduction, out_dir):
   """Writes spectra.png, kl_bound.png and ranks.png under out_dir.
 
   Args:

@@ -1,7 +1,7 @@
 """Per-modality dimension reduction by score-ratio matching.
 
-Each modality's latent block is whitened (x_m = L_m^T (z_m - mu_m), L_m L_m^T the
-empirical precision), so the reference density is rho = N(0, I_D). The score
+Each modality's latent block is whitened (x_m = L_m^T (z_m - mu_m), L_m L_m^T
+the empirical precision), so the reference density is rho = N(0, I_D). The score
 ratio s = grad log(pi / rho) is fitted by minimising the implicit objective
 F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"), in two parts: a
 closed-form linear term B_0 x (exact for Gaussian latents, shrunk against
@@ -235,8 +235,9 @@ def linear_fit(x_train, x_held_out, grid):
 
 
 def get_model(dim: int, config: ReductionConfig) -> ScoreRatioModel:
-  """Returns the score-ratio model on R^dim chosen by `config.parametrisation`."""
-  mode, probes, kind = config.divergence, config.num_probes, config.parametrisation
+  """The score-ratio model on R^dim chosen by `config.parametrisation`."""
+  mode, probes = config.divergence, config.num_probes
+  kind = config.parametrisation
   if kind in ("ridge", "lowrank"):
     # More ridge functions than dimensions help (more random starting
     # directions); an MLP on R^k gains nothing from k > D.
@@ -362,7 +363,7 @@ def train_steps(state, x, rng, *, loss_fn, batch_size, num_steps):
 
 
 def _batched(x, batch_size):
-  """Pads x [n, ...] to whole batches: ([nb, batch, ...], weights [nb, batch])."""
+  """Pads x [n, ...] to whole batches: ([nb, batch, ...], weights)."""
   n = x.shape[0]
   nb = -(-n // batch_size)
   xp = jnp.pad(x, [(0, nb * batch_size - n)] + [(0, 0)] * (x.ndim - 1))
@@ -372,7 +373,7 @@ def _batched(x, batch_size):
 
 @functools.partial(jax.jit, static_argnames=("objective_fn", "batch_size"))
 def held_out_objective(objective_fn, params, x, rng, batch_size):
-  """Mean of objective_fn over x, in batches; the same rng gives the same probes."""
+  """Mean of objective_fn over x in batches (same rng: same probes)."""
   xb, wb = _batched(x, batch_size)
 
   def body(total, inp):

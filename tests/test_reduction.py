@@ -101,7 +101,8 @@ def _bimodal_eigenvalue(a):
   """E[(d/dy log p(y) + y)^2] for p = (N(-a, 1 - a^2) + N(a, 1 - a^2)) / 2."""
   var = 1 - a * a
   y = np.linspace(-9, 9, 200001)
-  g_plus, g_minus = np.exp(-(y - a)**2 / (2 * var)), np.exp(-(y + a)**2 / (2 * var))
+  g_plus = np.exp(-(y - a)**2 / (2 * var))
+  g_minus = np.exp(-(y + a)**2 / (2 * var))
   p = 0.5 * (g_plus + g_minus) / np.sqrt(2 * np.pi * var)
   dlogp = -((y - a) * g_plus + (y + a) * g_minus) / (var * (g_plus + g_minus))
   return float(np.sum(p * (dlogp + y)**2) * (y[1] - y[0]))
@@ -112,7 +113,8 @@ def test_bimodal_subspace_and_rank():
   a = 0.9
   rot = np.linalg.qr(rs.randn(D, D))[0]
   y = rs.randn(N, D)
-  y[:, :2] = rs.choice([-a, a], size=(N, 2)) + np.sqrt(1 - a * a) * rs.randn(N, 2)
+  y[:, :2] = (rs.choice([-a, a], size=(N, 2))
+              + np.sqrt(1 - a * a) * rs.randn(N, 2))
   m, mu = _mixing(rs, D)
   latents = {"b": mu + (y @ rot.T) @ m.T, "g": rs.randn(N, 4)}
   red = reduction.fit(latents, epsilon=0.3, rng=jax.random.key(1),
@@ -194,7 +196,8 @@ def test_select_ranks_rule():
   lams = [np.sort(rs.exponential(size=d))[::-1] for d in (4, 3, 5)]
   eps = 0.4
   ranks, bound = reduction.select_ranks(lams, eps)
-  best = min(sum(r) for r in itertools.product(*(range(len(l) + 1) for l in lams))
+  all_ranks = itertools.product(*(range(len(l) + 1) for l in lams))
+  best = min(sum(r) for r in all_ranks
              if 0.5 * sum(l[k:].sum() for l, k in zip(lams, r)) < eps)
   assert sum(ranks) == best and bound < eps
   np.testing.assert_allclose(
@@ -221,7 +224,7 @@ def test_whitening_gives_identity_covariance():
   np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
   np.testing.assert_allclose(np.cov(x, rowvar=False, bias=True), np.eye(4),
                              atol=1e-4)
-  np.testing.assert_allclose(np.tril(w.T), w.T)  # w.T = L is the Cholesky factor
+  np.testing.assert_allclose(np.tril(w.T), w.T)  # L = w.T is triangular
   np.testing.assert_allclose(w @ winv, np.eye(4), atol=1e-5)
 
 
@@ -289,7 +292,7 @@ def test_diagnostic_blocks_match_direct_sum():
   rs = np.random.RandomState(6)
   dims = (3, 5, 2)
   b = jnp.asarray(rs.randn(10, 10), jnp.float32)
-  x = jnp.asarray(rs.randn(1000, 10), jnp.float32)  # not a whole number of batches
+  x = jnp.asarray(rs.randn(1000, 10), jnp.float32)  # 3.9 batches of 256
   score_fn = lambda params, x: x @ params.T
   sums, count = reduction.diagnostic_blocks(score_fn, b, x, dims, 256)
   s = np.asarray(x @ b.T, np.float64)
@@ -311,7 +314,7 @@ def test_save_restore_round_trip(tmp_path):
 
 def test_plots_are_written(tmp_path):
   red = _manual_reduction()
-  for path in plots.plot_all(red, tmp_path):
+  for path in plots.save_all(red, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   curve = plots.bound_curve(red)
   total = sum(red.ranks.values())
