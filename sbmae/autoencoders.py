@@ -27,6 +27,7 @@ import optax
 
 from sbmae import images
 from sbmae import modalities as modalities_lib
+from sbmae import reduction
 from sbmae import training
 from sbmae.data import pipeline
 from sbmae.models import autoencoder
@@ -122,40 +123,34 @@ def decode_fn(models, modalities):
 
 @flax.struct.dataclass
 class LatentStats:
-  """Per-modality whitening x = L^T (z - mean), L L^T = precision."""
+  """Per-modality whitening x = L^T (z - mean), L L^T = empirical precision."""
   mean: dict
-  chol: dict  # L, lower triangular.
+  whitener: dict  # L^T
+  unwhitener: dict  # L^{-T}
 
   @classmethod
-  def fit(cls, latents, jitter=1e-6):
-    """Fits the statistics of dict name -> latents [N, d]."""
-    means, chols = {}, {}
-    for n, z in latents.items():
-      z = np.asarray(z, np.float64)
-      means[n] = z.mean(0)
-      cov = np.cov(z, rowvar=False) + jitter * np.eye(z.shape[1])
-      chols[n] = np.linalg.cholesky(np.linalg.inv(cov))
-    return cls({n: jnp.asarray(v, jnp.float32) for n, v in means.items()},
-               {n: jnp.asarray(v, jnp.float32) for n, v in chols.items()})
+  def fit(cls, latents):
+    """Fits the statistics of dict name -> latents [N, d] (`reduction.whitening`)."""
+    parts = {n: reduction.whitening(z) for n, z in latents.items()}
+    return cls(*({n: jnp.asarray(p[i]) for n, p in parts.items()} for i in range(3)))
 
   def whiten(self, latents):
     """dict name -> z [.., d]  to  dict name -> x = L^T (z - mean)."""
-    return {n: (z - self.mean[n]) @ self.chol[n] for n, z in latents.items()}
+    return {n: (z - self.mean[n]) @ self.whitener[n].T for n, z in latents.items()}
 
   def unwhiten(self, x):
     """Inverse of `whiten`: z = mean + L^{-T} x."""
-    return {n: self.mean[n] + jax.scipy.linalg.solve_triangular(
-        self.chol[n], v.T, trans=1, lower=True).T for n, v in x.items()}
+    return {n: self.mean[n] + v @ self.unwhitener[n].T for n, v in x.items()}
 
   def save(self, path):
-    np.savez(path, **{f"mean/{n}": v for n, v in self.mean.items()},
-             **{f"chol/{n}": v for n, v in self.chol.items()})
+    np.savez(path, **{f"{field}/{n}": v for field in ("mean", "whitener", "unwhitener")
+                      for n, v in getattr(self, field).items()})
 
   @classmethod
   def load(cls, path):
     with np.load(path) as f:
       part = lambda p: {k.split("/", 1)[1]: jnp.asarray(f[k]) for k in f if k.startswith(p)}
-      return cls(part("mean/"), part("chol/"))
+      return cls(part("mean/"), part("whitener/"), part("unwhitener/"))
 
 
 def encode_all(encode, params, arrays, names, batch_size=500):

@@ -22,7 +22,6 @@ from sbmae import frechet
 from sbmae import inception
 from sbmae import modalities
 from sbmae import multimodal
-from sbmae import plots
 from sbmae import train
 from sbmae.data import celeba
 from sbmae.data import pipeline
@@ -120,9 +119,6 @@ def test_pipeline_without_reduction(raw_root, autoencoders_dir, tmp_path, monkey
   assert np.all((np.asarray(out["attrs"]) >= 0) & (np.asarray(out["attrs"]) <= 1))
 
 
-@pytest.mark.skipif(not hasattr(plots, "save_all"),
-                    reason="REDUCE STAGE NOT WIRED YET: train._fit_reduction calls "
-                           "sbmae.plots.save_all, which does not exist yet")
 def test_pipeline_with_reduction(raw_root, autoencoders_dir, tmp_path):
   config = tiny_config(raw_root, "reduce")
   result = _run_rest_and_check(config, autoencoders_dir, tmp_path / "run")
