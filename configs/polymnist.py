@@ -34,14 +34,15 @@ def get_config(arg=""):
     config.classifier.update(width=16, num_steps=150, batch_size=64)
     config.autoencoder.update(widths=(16, 32, 32), num_steps=200, batch_size=64,
                               warmup_steps=20)
-    config.prior.update(hidden=256, num_layers=2, num_steps=400, batch_size=128,
-                        learning_rate=1e-3, warmup_steps=40, ema_decay=0.99)
+    config.prior.update(hidden=512, num_layers=2, num_steps=2000, batch_size=128,
+                        learning_rate=1e-3, warmup_steps=100, ema_decay=0.995)
     config.sampling.update(num_steps=30, batch_size=100)
     config.eval.update(num_examples=100, num_unconditional=100, grid_examples=6)
   elif "cpu" in tokens:
     config.log_every = 50
     config.classifier.update(width=32, num_steps=3000, batch_size=128)
-    config.autoencoder.update(widths=(32, 64, 128), num_steps=3000, batch_size=128)
+    config.autoencoder.update(widths=(16, 32, 64), num_steps=2000, batch_size=64,
+                              warmup_steps=100)
     config.prior.update(hidden=512, num_layers=3, num_steps=6000, batch_size=256,
                         learning_rate=5e-4, ema_decay=0.999)
     config.sampling.update(num_steps=100, batch_size=500)

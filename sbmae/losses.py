@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 
 from sbmae import sde as sde_lib
+from sbmae.models import score as score_lib
 from sbmae.sample import modality_mask_to_coords
 
 
 def get_dsm_loss_fn(sde, model, dims: Sequence[int], *, mask_prob: float = 0.0,
-                    eps: float = 1e-5):
+                    eps: float = 1e-5, gaussian_base: bool = True):
   """Builds the denoising score matching loss of an eps-predicting network.
 
   With x_t = alpha(t) x_0 + std(t) z, t ~ U[eps, T], the loss is
@@ -29,12 +30,14 @@ def get_dsm_loss_fn(sde, model, dims: Sequence[int], *, mask_prob: float = 0.0,
     dims: static per-modality latent sizes (sum = D).
     mask_prob: probability that a modality is kept clean.
     eps: smallest diffusion time sampled (avoids std(t) -> 0).
+    gaussian_base: predict eps as std(t) x_t + network (`score.get_eps_fn`).
 
   Returns:
     loss_fn(params, rng, batch [B, D]) -> (loss, metrics) with metrics
     {"loss", "clean_fraction"}.
   """
   dims = tuple(int(d) for d in dims)
+  eps_fn = score_lib.get_eps_fn(sde, model, gaussian_base)
 
   def loss_fn(params, rng, batch):
     if batch.shape[-1] != sum(dims):
@@ -52,7 +55,7 @@ def get_dsm_loss_fn(sde, model, dims: Sequence[int], *, mask_prob: float = 0.0,
       x_t = jnp.where(clean > 0, batch, x_t)
     else:
       clean = jnp.zeros_like(batch)
-    eps_hat = model.apply({"params": params}, x_t, t, clean)
+    eps_hat = eps_fn(params, x_t, t, clean)
     weight = 1.0 - clean
     # Mean over diffused coordinates, so the loss scale does not depend on how
     # many modalities happened to be masked in this batch.

@@ -35,7 +35,7 @@ def build(config, dims):
   """(sde, model, score_fn) for latent block sizes `dims`."""
   sde = sde_lib.get_sde(config.sde)
   model = score.get_model(config.prior, dims)
-  return sde, model, score.get_score_fn(sde, model)
+  return sde, model, score.get_score_fn(sde, model, config.prior.gaussian_base)
 
 
 def init_params(model, rng, dim):
@@ -72,7 +72,8 @@ def train(config, workdir, latents, names, writer):
   sde, model, score_fn, tx, state = _init(config, dims)
   flat = np.asarray(flatten(latents, names), np.float32)
   ds = pipeline.dataset({"z": flat}, training.per_process_batch(c.batch_size), seed=config.seed + 3)
-  loss_fn = losses.get_dsm_loss_fn(sde, model, dims, mask_prob=c.mask_prob, eps=c.eps)
+  loss_fn = losses.get_dsm_loss_fn(sde, model, dims, mask_prob=c.mask_prob, eps=c.eps,
+                                   gaussian_base=c.gaussian_base)
   state = training.run(
       STAGE, state, make_train_step(loss_fn, tx, c.ema_decay), ds.__getitem__,
       num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed + 3),

@@ -55,8 +55,10 @@ def tiny_config(root, arg=""):
   config.data.update(path=str(root), image_size=32, test_split_size=TEST_SPLIT,
                      num_train=-1, num_test=-1)
   config.log_every, config.checkpoint_every = 1, 100
-  # 32x32: the stem and three stride-2 stages reach 2x2.
-  config.autoencoder.update(widths=(4, 4, 4), latent_dim=8, num_steps=2, batch_size=8,
+  # 32x32: the stem and three stride-2 stages reach 2x2. The attribute MLP's
+  # last hidden width must reach latent_dim, or its latents have a singular
+  # covariance that cannot be whitened.
+  config.autoencoder.update(widths=(8, 8, 8), latent_dim=8, num_steps=2, batch_size=8,
                             warmup_steps=0)
   config.reduction.max_steps = 1  # (0, "the linear fit alone", trips optax's schedule)
   config.prior.update(hidden=16, num_layers=1, num_steps=2, batch_size=8, warmup_steps=0)

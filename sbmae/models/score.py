@@ -238,19 +238,48 @@ def get_model(config, dims: Sequence[int]) -> nn.Module:
   raise ValueError(f"Unknown prior model {config['model']!r}; known: {sorted(MODELS)}.")
 
 
-def get_score_fn(sde, model: nn.Module):
+def get_eps_fn(sde, model: nn.Module, gaussian_base: bool = True):
+  """The noise prediction used by the loss and the sampler.
+
+  With `gaussian_base`, eps_hat(x, t) = std(t) x + net(x, t): std(t) x is the
+  exact noise prediction when the data are N(0, I), which whitened (and
+  reduced) latents are to second order, so the network only learns how the
+  latents depart from independence. Without it an under-trained network has
+  no notion of the identity map at large t and the reverse SDE drifts away.
+
+  Args:
+    sde: the forward SDE (provides std(t)).
+    model: a module called as model.apply({'params': p}, x, t, clean_mask).
+    gaussian_base: add the N(0, I) solution std(t) x.
+
+  Returns:
+    eps_fn(params, x, t, clean_mask) -> eps_hat, shaped like x.
+  """
+  def eps_fn(params, x, t, clean_mask):
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+    eps = model.apply({"params": params}, x, t, clean_mask)
+    if gaussian_base:
+      _, std = sde.marginal_coeffs(t)
+      eps = eps + sde_lib.expand_like(std, x) * x
+    return eps
+  return eps_fn
+
+
+def get_score_fn(sde, model: nn.Module, gaussian_base: bool = True):
   """Wraps an eps-predicting network as a score function.
 
   Args:
     sde: the forward SDE (provides std(t)).
     model: a module called as model.apply({'params': p}, x, t, clean_mask).
+    gaussian_base: see `get_eps_fn`.
 
   Returns:
     score_fn(params, x, t, clean_mask) -> -eps_hat / std(t), shaped like x.
   """
+  eps_fn = get_eps_fn(sde, model, gaussian_base)
+
   def score_fn(params, x, t, clean_mask):
     t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-    eps = model.apply({"params": params}, x, t, clean_mask)
     _, std = sde.marginal_coeffs(t)
-    return -eps / sde_lib.expand_like(std, x)
+    return -eps_fn(params, x, t, clean_mask) / sde_lib.expand_like(std, x)
   return score_fn
