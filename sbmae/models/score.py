@@ -5,11 +5,14 @@ prediction eps_hat [B, D]. `clean_mask` is a float per-coordinate flag: 1 where
 the coordinate holds a clean (undiffused) conditioning value, 0 where it is
 diffused; all zeros for unconditional training/sampling.
 
-Parametrisation: with the kernel x_t = alpha(t) x_0 + std(t) eps, the network
-predicts eps and the score is
+Parametrisation: with the kernel x_t = alpha(t) x_0 + std(t) eps, the noise
+prediction is eps_hat = std(t) x_t + net(x_t, t, clean_mask) (the Gaussian
+base, exact for N(0, I) latents under the VP-SDE; `gaussian_base=False` drops
+it) and the score is
   score(x_t, t) = -eps_hat(x_t, t) / std(t)
-(`get_score_fn`). Regressing eps with an MSE is denoising score matching with
-the usual std(t)^2 weighting, and keeps the output O(1) at every t.
+(`get_eps_fn`, `get_score_fn`). Regressing eps with an MSE is denoising score
+matching with the usual std(t)^2 weighting, and keeps the output O(1) at
+every t.
 """
 
 import math
