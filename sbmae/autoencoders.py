@@ -129,9 +129,19 @@ class LatentStats:
   unwhitener: dict  # L^{-T}
 
   @classmethod
-  def fit(cls, latents):
-    """Fits the statistics of dict name -> latents [N, d] (`reduction.whitening`)."""
-    parts = {n: reduction.whitening(z) for n, z in latents.items()}
+  def fit(cls, latents, jitter=1e-6):
+    """Fits the statistics of dict name -> latents [N, d] (`reduction.whitening`).
+
+    `jitter` (relative to the mean variance) keeps the Cholesky factor defined
+    when an autoencoder leaves a latent direction unused.
+    """
+    parts = {}
+    for n, z in latents.items():
+      try:
+        parts[n] = reduction.whitening(z, jitter)
+      except np.linalg.LinAlgError as e:
+        raise ValueError(f"latents of modality {n!r} have a singular covariance even with "
+                         f"jitter {jitter}: the autoencoder collapsed ({e})") from e
     return cls(*({n: jnp.asarray(p[i]) for n, p in parts.items()} for i in range(3)))
 
   def whiten(self, latents):

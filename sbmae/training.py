@@ -86,8 +86,15 @@ def data_mesh(devices=None):
 
 
 def replicate(tree, mesh):
-  """Places every leaf of `tree` on all devices of `mesh` (parameters, opt state)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Places every leaf of `tree` on all devices of `mesh` (parameters, opt state).
+
+  Every process passes the same values (same seed, or the same checkpoint);
+  going through the host also works across processes on backends without
+  cross-host device transfers (CPU).
+  """
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def shard_batch(batch, mesh):

@@ -249,7 +249,7 @@ def _save_cache(splits, path, meta):
     for field in dataclasses.fields(Split):
       arrays[f"{split}/{field.name}"] = getattr(data, field.name)
   arrays["meta"] = np.array(json.dumps(meta))
-  tmp = path.with_name(path.name + ".tmp.npz")
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # one per process
   np.savez(tmp, **arrays)
   os.replace(tmp, path)  # atomic: a killed run never leaves half a cache.
 
