@@ -95,9 +95,12 @@ def get_config():
   ))
 
   config.sde = ml_collections.ConfigDict(dict(
-      name="vpsde",
+      name="vpsde",  # or "vesde" (then sigma_min, sigma_max apply).
       beta_min=0.1,
       beta_max=20.0,
+      sigma_min=0.01,
+      sigma_max=50.0,
+      N=1000,  # discretisation of the DDPM-style `discretize`.
   ))
 
   config.prior = ml_collections.ConfigDict(dict(
@@ -107,6 +110,7 @@ def get_config():
       time_embed_dim=128,
       unet_width=64,
       unet_mults=(1, 2, 2, 2),
+      unet_num_res_blocks=2,
       num_steps=50000,
       batch_size=256,
       learning_rate=2e-4,
@@ -117,7 +121,8 @@ def get_config():
       # training (teaches conditioning explicitly); 0 disables masking.
       mask_prob=0.0,
       eps=1e-5,
-      # Predict eps as std(t) x + network: exact for N(0, I) latents, so the
+      # Predict eps as std(t) x + network: exact for N(0, I) latents under the
+      # VP-SDE (approximate under VE), so the
       # network learns only the dependence (sbmae.models.score.get_eps_fn).
       gaussian_base=True,
   ))

@@ -237,6 +237,7 @@ def get_model(config, dims: Sequence[int]) -> nn.Module:
     return LatentUNet(dims=tuple(int(d) for d in dims),
                       width=config["unet_width"],
                       mults=tuple(config["unet_mults"]),
+                      num_res_blocks=config["unet_num_res_blocks"],
                       time_embed_dim=config["time_embed_dim"])
   raise ValueError(f"Unknown prior model {config['model']!r}; known: {sorted(MODELS)}.")
 
