@@ -17,9 +17,6 @@ Run:
   JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet] [--peak_gflops=309]
 """
 
-import os
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -28,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import common
 from sbmae import losses
 from sbmae import sample as sample_lib
 from sbmae import sde as sde_lib
@@ -35,7 +33,7 @@ from sbmae.models import score as score_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "unet"], "Priors to time: mlp and/or unet.")
-flags.DEFINE_float("peak_gflops", 309.0, "Peak fp32 GFLOP/s of the machine.")
+flags.DEFINE_float("peak_gflops", common.REFERENCE_PEAK_GFLOPS, "Peak fp32 GFLOP/s of the machine.")
 flags.DEFINE_integer("batch_size", 256, "Train batch and number of samples.")
 flags.DEFINE_integer("train_iters", 10, "Timed train steps (after warm-up).")
 flags.DEFINE_integer("sample_iters", 3, "Timed sampler calls (after warm-up).")
@@ -48,40 +46,6 @@ MODELS = {
     "unet": lambda: score_lib.LatentUNet(dims=DIMS, width=64, mults=(1, 2, 2, 2),
                                          time_embed_dim=128),
 }
-
-
-def _flops(compiled):
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device.
-    cost = cost[0]
-  return float(cost.get("flops", float("nan")))
-
-
-def _median_seconds(fn, iters):
-  """Median wall seconds per call, and median CPU seconds of this process."""
-  wall, cpu = [], []
-  for _ in range(iters):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn())
-    wall.append(time.perf_counter() - start)
-    cpu.append(time.process_time() - start_cpu)
-  return statistics.median(wall), statistics.median(cpu)
-
-
-def _report(name, seconds, items, unit, flops):
-  """Prints throughput from the wall time; CPU time helps read a shared machine.
-
-  On a machine shared with other jobs the wall time grows with the load while
-  the process's CPU seconds do not: CPU seconds / cores is then a rough
-  (optimistic, it assumes perfect parallelism) estimate of the unloaded time.
-  """
-  seconds, cpu_seconds = seconds
-  gflops = flops / seconds / 1e9
-  print(f"{name}: {seconds:.4f} s, {items / seconds:.1f} {unit}/s, "
-        f"{flops / 1e9:.2f} GFLOP, {gflops:.1f} GFLOP/s "
-        f"({100 * gflops / FLAGS.peak_gflops:.1f}% of {FLAGS.peak_gflops:g}); "
-        f"process CPU {cpu_seconds:.4f} s, load average "
-        f"{os.getloadavg()[0]:.1f}", flush=True)
 
 
 def bench_model(name):
@@ -109,7 +73,7 @@ def bench_model(name):
   state = (params, tx.init(params))
   step_fn = jax.jit(train_step, donate_argnums=0)
   compiled = step_fn.lower(state, batch, 0).compile()
-  train_flops = _flops(compiled)
+  train_flops = common.flops(compiled)
   counter = [0]
 
   def run_train():
@@ -119,13 +83,14 @@ def bench_model(name):
     return metrics
   for _ in range(2):
     run_train()
-  seconds = _median_seconds(run_train, FLAGS.train_iters)
-  _report(f"{name} train step, batch {b}", seconds, b, "examples", train_flops)
+  seconds = common.median_seconds(run_train, FLAGS.train_iters)
+  common.report(f"{name} train step, batch {b}", seconds, b, "examples", train_flops,
+                FLAGS.peak_gflops)
 
   params = state[0]
   score_fn = score_lib.get_score_fn(sde, model)
   x, t, clean = jnp.zeros((b, d)), jnp.full((b,), 0.5), jnp.zeros((b, d))
-  score_flops = _flops(jax.jit(score_fn).lower(params, x, t, clean).compile())
+  score_flops = common.flops(jax.jit(score_fn).lower(params, x, t, clean).compile())
   evals = FLAGS.num_steps * (1 + FLAGS.corrector_steps) + 1
   sampler = sample_lib.get_sampler(sde, score_fn, DIMS, num_steps=FLAGS.num_steps,
                                    corrector_steps=FLAGS.corrector_steps)
@@ -136,10 +101,10 @@ def bench_model(name):
   def run_sampler():
     return sampler(jax.random.PRNGKey(next(keys)), params, observed, mask)
   run_sampler()  # compile + warm-up
-  seconds = _median_seconds(run_sampler, FLAGS.sample_iters)
-  _report(f"{name} sampler, {FLAGS.num_steps} steps x (1 + "
-          f"{FLAGS.corrector_steps}) for {b} samples ({evals} score evals)",
-          seconds, b, "samples", evals * score_flops)
+  seconds = common.median_seconds(run_sampler, FLAGS.sample_iters)
+  common.report(f"{name} sampler, {FLAGS.num_steps} steps x (1 + "
+                f"{FLAGS.corrector_steps}) for {b} samples ({evals} score evals)",
+                seconds, b, "samples", evals * score_flops, FLAGS.peak_gflops)
 
 
 def main(argv):
