@@ -11,8 +11,6 @@ Reference, PyTorch SBM-AE on the same 2-core CPU: batch 256 2.16 s
   JAX_PLATFORMS=cpu python bench/bench_autoencoder.py [--peak_gflops=0 to measure]
 """
 
-import functools
-
 from absl import app
 from absl import flags
 import jax
@@ -39,12 +37,7 @@ def bench(num_modalities, batch_size, peak):
   tx = training.make_optimizer(1e-3, 1000)
   state = training.TrainState.create(
       autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), tx)
-  loss_fn = autoencoders.get_loss_fn(models, mods, config)
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, batch, rng):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch)
-    return state.apply_gradients(grads, tx), metrics
+  step = training.make_train_step(autoencoders.get_loss_fn(models, mods, config), tx)
 
   batch = {m.name: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, m in enumerate(mods)}

@@ -17,7 +17,6 @@ Run:
   JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet] [--peak_gflops=309]
 """
 
-
 from absl import app
 from absl import flags
 import jax

@@ -41,7 +41,8 @@ def _prior_step():
   model = score.ScoreMLP(hidden=512, num_layers=3, time_embed_dim=128)
   sde = sde_lib.VPSDE()
   tx = training.make_optimizer(1e-3, 100)
-  step = prior.make_train_step(losses.get_dsm_loss_fn(sde, model, dims), tx, 0.999)
+  dsm_loss = losses.get_dsm_loss_fn(sde, model, dims)
+  step = training.make_train_step(lambda p, r, b: dsm_loss(p, r, b["z"]), tx, 0.999)
   params = prior.init_params(model, jax.random.PRNGKey(0), sum(dims))
   state = training.TrainState.create(params, tx, ema=True)
   make_batch = lambda b: {"z": np.random.default_rng(0).normal(size=(b, 320)).astype(np.float32)}
@@ -54,7 +55,7 @@ def _autoencoder_step():
   mods = modalities.polymnist(5)
   models = autoencoders.build_models(config, mods)
   tx = training.make_optimizer(1e-3, 100)
-  step = autoencoders.make_train_step(autoencoders.get_loss_fn(models, mods, config), tx)
+  step = training.make_train_step(autoencoders.get_loss_fn(models, mods, config), tx)
   state = training.TrainState.create(
       autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), tx)
   make_batch = lambda b: {m.name: np.random.default_rng(k).uniform(size=(b, 28, 28, 3)).astype(

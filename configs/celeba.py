@@ -30,10 +30,7 @@ _TOKENS = ("quick", "reduce", "mlp")
 
 def get_config(arg=""):
   """Returns the CelebAMask-HQ config for `arg` (see module docstring)."""
-  tokens = [t for t in arg.split(",") if t]
-  unknown = [t for t in tokens if t not in _TOKENS]
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; expected tokens from {_TOKENS}")
+  tokens = default.parse_tokens(arg, _TOKENS)
   config = default.get_config()
   config.data.name = "celeba"
 

@@ -11,6 +11,15 @@ Run:
 import ml_collections
 
 
+def parse_tokens(arg, allowed):
+  """Splits a `get_config` argument "a,b" into tokens, naming any unknown one."""
+  tokens = [t for t in arg.split(",") if t]
+  unknown = [t for t in tokens if t not in allowed]
+  if unknown:
+    raise ValueError(f"unknown config argument(s) {unknown}; expected tokens from {allowed}")
+  return tokens
+
+
 def get_config():
   """Returns the default (full-size PolyMNIST-5) configuration."""
   config = ml_collections.ConfigDict()

@@ -16,10 +16,7 @@ _TOKENS = ("quick", "cpu", "m10", "reduce")
 
 def get_config(arg=""):
   """Returns the PolyMNIST config for `arg` (see module docstring)."""
-  tokens = [t for t in arg.split(",") if t]
-  unknown = [t for t in tokens if t not in _TOKENS]
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {unknown}; expected tokens from {_TOKENS}")
+  tokens = default.parse_tokens(arg, _TOKENS)
   config = default.get_config()
   if "m10" in tokens:
     config.data.num_modalities = 10

@@ -96,16 +96,6 @@ def get_loss_fn(models, modalities, ae_config):
   return loss_fn
 
 
-def make_train_step(loss_fn, tx):
-  """Jitted (state, batch, rng) -> (state, metrics)."""
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def train_step(state, batch, rng):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch)
-    return state.apply_gradients(grads, tx), metrics
-
-  return train_step
-
 
 def encode_fn(models):
   """Jitted (params, {name: x}) -> {name: latent mean [B, d]}."""
@@ -207,9 +197,11 @@ def train(config, workdir, data, modalities, writer):
   names = [m.name for m in modalities]
   stage_dir = pathlib.Path(workdir) / STAGE
   models, tx, state = _init(config, modalities)
-  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size), seed=config.seed + 1)
+  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
+                        seed=config.seed + 1)
   state = training.run(
-      STAGE, state, make_train_step(get_loss_fn(models, modalities, c), tx), ds.__getitem__,
+      STAGE, state, training.make_train_step(get_loss_fn(models, modalities, c), tx),
+      ds.__getitem__,
       num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed + 1),
       manager=training.checkpoint_manager(workdir, STAGE), writer=writer,
       log_every=config.log_every, checkpoint_every=config.checkpoint_every)

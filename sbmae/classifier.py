@@ -66,16 +66,6 @@ def get_loss_fn(model):
   return loss_fn
 
 
-def make_train_step(loss_fn, tx):
-  """Jitted (state, batch, rng) -> (state, metrics)."""
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def train_step(state, batch, rng):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch)
-    return state.apply_gradients(grads, tx), metrics
-
-  return train_step
-
 
 def logits_fn(model):
   """Jitted (params, {name: images [B, 28, 28, 3]}) -> {name: logits [B, 10]}."""
@@ -131,9 +121,10 @@ def train(config, workdir, data, writer):
   c = config.classifier
   names = [f"m{k}" for k in range(config.data.num_modalities)]
   model, tx, state = _init(config, names)
-  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size), seed=config.seed)
+  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
+                        seed=config.seed)
   state = training.run(
-      STAGE, state, make_train_step(get_loss_fn(model), tx), ds.__getitem__,
+      STAGE, state, training.make_train_step(get_loss_fn(model), tx), ds.__getitem__,
       num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed),
       manager=training.checkpoint_manager(workdir, STAGE),
       writer=writer, log_every=config.log_every, checkpoint_every=config.checkpoint_every)

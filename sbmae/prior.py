@@ -5,7 +5,6 @@ parameters (used for sampling), optional random modality masking
 (`config.prior.mask_prob`, see `sbmae.losses`).
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,16 +42,6 @@ def init_params(model, rng, dim):
   return model.init(rng, x, jnp.ones((1,), jnp.float32), jnp.zeros_like(x))["params"]
 
 
-def make_train_step(loss_fn, tx, ema_decay):
-  """Jitted (state, batch, rng) -> (state, metrics), EMA updated every step."""
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def train_step(state, batch, rng):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch["z"])
-    return state.apply_gradients(grads, tx, ema_decay), metrics
-
-  return train_step
-
 
 def train(config, workdir, latents, names, writer):
   """Trains (or resumes / loads) the joint prior on `latents`.
@@ -71,11 +60,13 @@ def train(config, workdir, latents, names, writer):
   dims = tuple(int(latents[n].shape[-1]) for n in names)
   sde, model, score_fn, tx, state = _init(config, dims)
   flat = np.asarray(flatten(latents, names), np.float32)
-  ds = pipeline.dataset({"z": flat}, training.per_process_batch(c.batch_size), seed=config.seed + 3)
-  loss_fn = losses.get_dsm_loss_fn(sde, model, dims, mask_prob=c.mask_prob, eps=c.eps,
-                                   gaussian_base=c.gaussian_base)
+  ds = pipeline.dataset({"z": flat}, training.per_process_batch(c.batch_size),
+                        seed=config.seed + 3)
+  dsm_loss = losses.get_dsm_loss_fn(sde, model, dims, mask_prob=c.mask_prob, eps=c.eps,
+                                    gaussian_base=c.gaussian_base)
+  loss_fn = lambda params, rng, batch: dsm_loss(params, rng, batch["z"])
   state = training.run(
-      STAGE, state, make_train_step(loss_fn, tx, c.ema_decay), ds.__getitem__,
+      STAGE, state, training.make_train_step(loss_fn, tx, c.ema_decay), ds.__getitem__,
       num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed + 3),
       manager=training.checkpoint_manager(workdir, STAGE), writer=writer,
       log_every=config.log_every, checkpoint_every=config.checkpoint_every)

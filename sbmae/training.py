@@ -8,6 +8,7 @@ steps/s and ETA, metrics, a stop on a non-finite loss naming the step, and
 checkpoints every `checkpoint_every` steps and at the end.
 """
 
+import functools
 import pathlib
 import time
 from typing import Any, Callable
@@ -50,6 +51,23 @@ class TrainState:
       ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
                         ema_params=ema)
+
+
+def make_train_step(loss_fn, tx, ema_decay=None):
+  """Jitted, state-donating (state, batch, rng) -> (state, metrics).
+
+  Args:
+    loss_fn: (params, rng, batch) -> (loss, metrics).
+    tx: the optax optimiser.
+    ema_decay: EMA decay when the state keeps an EMA of the parameters.
+  """
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state, batch, rng):
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch)
+    return state.apply_gradients(grads, tx, ema_decay), metrics
+
+  return train_step
 
 
 def make_optimizer(learning_rate, num_steps, *, warmup_steps=0, grad_clip=0.0,

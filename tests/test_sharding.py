@@ -29,7 +29,7 @@ def test_train_step_on_4_devices_equals_1_device():
   mods = modalities.polymnist(2)
   models = autoencoders.build_models(config, mods)
   tx = training.make_optimizer(1e-3, 10)
-  step = autoencoders.make_train_step(autoencoders.get_loss_fn(models, mods, config), tx)
+  step = training.make_train_step(autoencoders.get_loss_fn(models, mods, config), tx)
   batch = {m.name: np.random.default_rng(k).uniform(size=(16, 28, 28, 3)).astype(np.float32)
            for k, m in enumerate(mods)}
   results = []
