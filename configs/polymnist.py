@@ -40,7 +40,7 @@ def get_config(arg=""):
     config.classifier.update(width=32, num_steps=3000, batch_size=128)
     config.autoencoder.update(widths=(16, 32, 64), num_steps=2000, batch_size=64,
                               warmup_steps=100)
-    config.prior.update(hidden=512, num_layers=3, num_steps=6000, batch_size=256,
+    config.prior.update(hidden=512, num_layers=3, num_steps=4000, batch_size=256,
                         learning_rate=5e-4, ema_decay=0.999)
     config.sampling.update(num_steps=100, batch_size=500)
     config.eval.update(num_examples=500, num_unconditional=500)

@@ -3,8 +3,9 @@
 One CNN per modality (not one shared network), because the field's coherence
 protocol (MoPoE, MMVAE+) scores each modality with its own classifier. The M
 networks' parameters live in a dict keyed by modality and are trained together
-in one jitted step (see `sbmae.modalities`). The checkpoint is reused by `evaluate` for coherence and
-for the classifier-feature Frechet distance (`fd_clf`).
+in one jitted step (see `sbmae.modalities`). The checkpoint is reused by
+`evaluate` for coherence and for the classifier-feature Frechet distance
+(`fd_clf`).
 """
 
 import functools

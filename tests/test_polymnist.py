@@ -52,7 +52,8 @@ def test_same_seed_gives_identical_bytes(real_mnist):
   a = polymnist.build(digits, backgrounds, seed=3)
   b = polymnist.build(digits, backgrounds, seed=3)
   c = polymnist.build(digits, backgrounds, seed=4)
-  digest = lambda s: hashlib.sha256(s["train"].images.tobytes() + s["test"].images.tobytes()).hexdigest()
+  digest = lambda s: hashlib.sha256(
+      s["train"].images.tobytes() + s["test"].images.tobytes()).hexdigest()
   assert digest(a) == digest(b)
   assert digest(a) != digest(c)
 

@@ -92,7 +92,8 @@ def test_non_finite_loss_names_the_step(tmp_path):
   config = tiny_config(autoencoder=6)
   config.stage = "autoencoders"
   config.autoencoder.update(learning_rate=1e30, grad_clip=0.0, warmup_steps=0)
-  with pytest.raises(training.NonFiniteLossError, match=r"\[autoencoders\] non-finite .* at step \d"):
+  with pytest.raises(training.NonFiniteLossError,
+                     match=r"\[autoencoders\] non-finite .* at step \d"):
     train.train_and_evaluate(config, tmp_path)
 
 
