@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sbmae import classifier as classifier_lib
 from sbmae import frechet
 from sbmae import images
-from sbmae import classifier as classifier_lib
+from sbmae import training
 
 STAGE = "eval"
 
@@ -57,7 +58,10 @@ def generate_all(mm, rng, flat, mask, batch_size, decode=True):
   outs = []
   for i, (a, b) in enumerate(_chunks(len(flat), batch_size)):
     key = jax.random.fold_in(rng, i)
-    latents = mm.sampler(key, mm.prior_params, _pad(flat[a:b], batch_size), mask)[:b - a]
+    observed, (params, key) = training.shard_local(_pad(flat[a:b], batch_size),
+                                                   (mm.prior_params, key))
+    # Back on the host: the decoders' parameters live on the default device.
+    latents = jax.device_get(mm.sampler(key, params, observed, mask))[:b - a]
     outs.append(mm.decode(latents, jax.random.fold_in(key, 1)) if decode else latents)
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 

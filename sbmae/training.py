@@ -125,6 +125,25 @@ def shard_batch(batch, mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
+def shard_local(batch, replicated=()):
+  """Splits `batch` along its leading axis over this process's devices.
+
+  For work every process repeats on its own (evaluation, sampling for
+  pictures). `replicated` (parameters, keys) are copied to the same devices so
+  one jitted call can take them all. A batch that does not split evenly stays
+  on the default device.
+
+  Returns:
+    (batch, replicated) placed on the local devices.
+  """
+  devices = jax.local_devices()
+  if len(devices) == 1 or batch.shape[0] % len(devices):
+    return batch, replicated
+  mesh = data_mesh(devices)
+  return (jax.device_put(batch, NamedSharding(mesh, P("data"))),
+          jax.device_put(replicated, NamedSharding(mesh, P())))
+
+
 def per_process_batch(global_batch, mesh=None):
   """This process's share of `global_batch`; checks it splits over the mesh."""
   mesh = data_mesh() if mesh is None else mesh
