@@ -396,9 +396,10 @@ def test_conv3x3_matches_lax_convolution(size, stride):
 
 def test_get_model_from_config():
   prior = dict(model="unet", hidden=32, num_layers=1, time_embed_dim=16,
-               unet_width=8, unet_mults=(1, 2))
+               unet_width=8, unet_mults=(1, 2), unet_num_res_blocks=1)
   model = score_lib.get_model(prior, (16, 16))
   assert isinstance(model, score_lib.LatentUNet) and model.width == 8
+  assert model.num_res_blocks == 1
   model = score_lib.get_model(dict(prior, model="mlp"), (3, 5))
   assert isinstance(model, score_lib.ScoreMLP) and model.hidden == 32
   out = model.apply({"params": _init(model, 8)}, jnp.ones((2, 8)), jnp.ones((2,)),
