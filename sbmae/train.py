@@ -208,5 +208,8 @@ def train_and_evaluate(config, workdir):
   if "evaluate" in stages:
     mm = build_multimodal(config, workdir)
     timed("evaluate", evaluator, config, workdir, mm, data["test"], writer)
+  times_path = workdir / "stage_times.json"
+  if times_path.exists():  # keep the times of stages this invocation did not run
+    timings = {**json.loads(times_path.read_text()), **timings}
   writer.json("stage_times.json", timings)
   writer.close()
