@@ -58,10 +58,10 @@ def generate_all(mm, rng, flat, mask, batch_size, decode=True):
   outs = []
   for i, (a, b) in enumerate(_chunks(len(flat), batch_size)):
     key = jax.random.fold_in(rng, i)
-    observed, (params, key) = training.shard_local(_pad(flat[a:b], batch_size),
-                                                   (mm.prior_params, key))
+    observed, (params, sample_key) = training.shard_local(_pad(flat[a:b], batch_size),
+                                                          (mm.prior_params, key))
     # Back on the host: the decoders' parameters live on the default device.
-    latents = jax.device_get(mm.sampler(key, params, observed, mask))[:b - a]
+    latents = jax.device_get(mm.sampler(sample_key, params, observed, mask))[:b - a]
     outs.append(mm.decode(latents, jax.random.fold_in(key, 1)) if decode else latents)
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
