@@ -14,7 +14,6 @@ Reference, PyTorch SBM-AE on the same 2-core CPU: batch 256 2.16 s
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 import common

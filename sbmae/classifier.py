@@ -13,7 +13,6 @@ import functools
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sbmae import modalities

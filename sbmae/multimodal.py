@@ -20,7 +20,6 @@ import numpy as np
 
 from sbmae import autoencoders
 from sbmae import prior as prior_lib
-from sbmae import reduction as reduction_lib
 from sbmae import sample as sample_lib
 
 
