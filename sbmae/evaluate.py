@@ -46,11 +46,12 @@ def _chunks(n, size):
   return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _pad(x, size):
-  """Pads the leading axis to `size` by repeating the first row (fixed shapes)."""
+def pad_rows(x, size):
+  """Pads the leading axis to `size` by repeating the first row (fixed shapes, one compile)."""
   if len(x) == size:
     return x
-  return jnp.concatenate([x, jnp.repeat(x[:1], size - len(x), axis=0)])
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.concatenate([x, xp.repeat(x[:1], size - len(x), axis=0)])
 
 
 def generate_all(mm, rng, flat, mask, batch_size, decode=True):
@@ -58,7 +59,7 @@ def generate_all(mm, rng, flat, mask, batch_size, decode=True):
   outs = []
   for i, (a, b) in enumerate(_chunks(len(flat), batch_size)):
     key = jax.random.fold_in(rng, i)
-    observed, (params, sample_key) = training.shard_local(_pad(flat[a:b], batch_size),
+    observed, (params, sample_key) = training.shard_local(pad_rows(flat[a:b], batch_size),
                                                           (mm.prior_params, key))
     # Back on the host: the decoders' parameters live on the default device.
     latents = jax.device_get(mm.sampler(sample_key, params, observed, mask))[:b - a]
@@ -132,9 +133,7 @@ def run(config, workdir, mm, test_arrays, writer):
   real_features = features(clf_params, batch)
   fake_features = features(clf_params, uncond)
   for nm in names:
-    metrics[f"fd_clf/{nm}"] = frechet.frechet_distance(
-        *frechet.statistics(np.asarray(real_features[nm])),
-        *frechet.statistics(np.asarray(fake_features[nm])))
+    metrics[f"fd_clf/{nm}"] = frechet.feature_distance(real_features[nm], fake_features[nm])
   if e.inception_path:
     from sbmae import inception  # pylint: disable=g-import-not-at-top
     feature_fn = inception.get_feature_fn(e.inception_path)

@@ -91,34 +91,11 @@ def pixel_features(image_batch, size=PIXEL_FD_SIZE):
   return x.reshape(n, -1)
 
 
-def frechet_from_features(real, fake):
-  """Frechet distance between Gaussians fitted to feature sets [N1, F] and [N2, F].
-
-  Same value as `frechet.frechet_distance` of `frechet.statistics` of each
-  set. With fewer samples than features it avoids every F x F decomposition:
-  the covariances are S_i = A_i^T A_i for the centred features A_i [N_i, F]
-  divided by sqrt(N_i - 1), and S1^{1/2} S2 S1^{1/2} shares its non-zero
-  eigenvalues with (A1 A2^T)(A1 A2^T)^T, so tr (S1 S2)^{1/2} is the sum of the
-  singular values of the N1 x N2 matrix A1 A2^T.
-  """
-  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-  if min(len(real), len(fake)) >= real.shape[1]:
-    return frechet.frechet_distance(*frechet.statistics(real), *frechet.statistics(fake))
-  a1 = (real - real.mean(0)) / np.sqrt(len(real) - 1)
-  a2 = (fake - fake.mean(0)) / np.sqrt(len(fake) - 1)
-  diff = real.mean(0) - fake.mean(0)
-  cross = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
-  return float(diff @ diff + np.sum(a1 ** 2) + np.sum(a2 ** 2) - 2.0 * cross)
-
 
 def proper_subsets(names):
   """Every non-empty proper subset of `names`, by size, as tuples of names."""
   return [s for k in range(1, len(names)) for s in itertools.combinations(names, k)]
 
-
-def _pad_rows(x, size):
-  """Pads the leading axis to `size` by repeating the first row (fixed shapes, one compile)."""
-  return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
 
 
 def _chunked(fn, arrays, batch_size):
@@ -127,7 +104,7 @@ def _chunked(fn, arrays, batch_size):
   outs = []
   for i, start in enumerate(range(0, n, batch_size)):
     size = min(batch_size, n - start)
-    out = fn(i, {k: _pad_rows(np.asarray(v[start:start + size]), batch_size)
+    out = fn(i, {k: evaluate.pad_rows(np.asarray(v[start:start + size]), batch_size)
                  for k, v in arrays.items()})
     outs.append(jax.tree.map(lambda v, size=size: np.asarray(v)[:size], out))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
@@ -153,10 +130,10 @@ class _Scorer:
     if MASK in generated:
       scores["mask_f1"] = sample_f1(output[MASK][:m], self.truth[MASK][:m])
     if IMAGE in generated:
-      scores["fd_pixels"] = frechet_from_features(self.real_pixels,
+      scores["fd_pixels"] = frechet.feature_distance(self.real_pixels,
                                                   pixel_features(output[IMAGE]))
       if self.feature_fn is not None:
-        scores["fid"] = frechet_from_features(
+        scores["fid"] = frechet.feature_distance(
             self.real_inception,
             inception.features(self.feature_fn, output[IMAGE], batch_size=50))
     return scores

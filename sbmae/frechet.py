@@ -80,3 +80,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
   tr_covmean = np.sqrt(_clip_to_rank(evals, norm1 * norm2)).sum()
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def feature_distance(real, fake):
+  """Frechet distance between Gaussians fitted to feature sets [N1, F] and [N2, F].
+
+  Same value as `frechet_distance` of the `statistics` of each set. With
+  fewer samples than features it avoids every F x F decomposition: the
+  covariances are S_i = A_i^T A_i for the centred features A_i [N_i, F]
+  divided by sqrt(N_i - 1), and S1^{1/2} S2 S1^{1/2} shares its non-zero
+  eigenvalues with (A1 A2^T)(A1 A2^T)^T, so tr (S1 S2)^{1/2} is the sum of the
+  singular values of the N1 x N2 matrix A1 A2^T.
+  """
+  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+  if min(len(real), len(fake)) >= real.shape[1]:
+    return frechet_distance(*statistics(real), *statistics(fake))
+  a1 = (real - real.mean(0)) / np.sqrt(len(real) - 1)
+  a2 = (fake - fake.mean(0)) / np.sqrt(len(fake) - 1)
+  diff = real.mean(0) - fake.mean(0)
+  cross = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+  return float(diff @ diff + np.sum(a1 ** 2) + np.sum(a2 ** 2) - 2.0 * cross)

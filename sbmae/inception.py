@@ -362,6 +362,5 @@ def fid(feature_fn, images_a, images_b, batch_size=100):
   Returns:
     The Frechet distance, a float.
   """
-  stats_a = frechet.statistics(features(feature_fn, images_a, batch_size))
-  stats_b = frechet.statistics(features(feature_fn, images_b, batch_size))
-  return frechet.frechet_distance(*stats_a, *stats_b)
+  return frechet.feature_distance(features(feature_fn, images_a, batch_size),
+                                  features(feature_fn, images_b, batch_size))

@@ -18,7 +18,6 @@ from sklearn import metrics as sk_metrics
 import celeba_fixture
 from configs import celeba as celeba_config
 from sbmae import evaluate_celeba
-from sbmae import frechet
 from sbmae import inception
 from sbmae import modalities
 from sbmae import multimodal
@@ -231,15 +230,6 @@ def test_pixel_features_are_block_means():
   with pytest.raises(ValueError, match="divisible by 16"):
     evaluate_celeba.pixel_features(np.zeros((1, 24, 24, 3)))
 
-
-@pytest.mark.parametrize("n1, n2", [(10, 13), (60, 50)])  # fewer / more samples than features
-def test_frechet_from_features_matches_the_covariance_route(n1, n2):
-  rng = np.random.default_rng(1)
-  real = rng.normal(size=(n1, 40)) @ rng.normal(size=(40, 40))
-  fake = 0.3 + rng.normal(size=(n2, 40)) @ rng.normal(size=(40, 40))
-  expected = frechet.frechet_distance(*frechet.statistics(real), *frechet.statistics(fake))
-  assert evaluate_celeba.frechet_from_features(real, fake) == pytest.approx(expected, rel=1e-9)
-  assert evaluate_celeba.frechet_from_features(real, real) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_proper_subsets():

@@ -105,3 +105,13 @@ def test_bad_shapes_raise():
     frechet.statistics(np.zeros((1, 3)))
   with pytest.raises(ValueError):
     frechet.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+@pytest.mark.parametrize("n1, n2", [(10, 13), (60, 50)])  # fewer / more samples than features
+def test_feature_distance_matches_the_covariance_route(n1, n2):
+  rng = np.random.default_rng(1)
+  real = rng.normal(size=(n1, 40)) @ rng.normal(size=(40, 40))
+  fake = 0.3 + rng.normal(size=(n2, 40)) @ rng.normal(size=(40, 40))
+  expected = frechet.frechet_distance(*frechet.statistics(real), *frechet.statistics(fake))
+  assert frechet.feature_distance(real, fake) == pytest.approx(expected, rel=1e-9)
+  assert frechet.feature_distance(real, real) == pytest.approx(0.0, abs=1e-8)
