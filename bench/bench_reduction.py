@@ -24,6 +24,7 @@ import optax
 
 from sbmae import plots
 from sbmae import reduction
+from sbmae import score_ratio
 
 _N = flags.DEFINE_integer("num_samples", 10000, "Latent samples N.")
 _M = flags.DEFINE_integer("num_modalities", 10, "Modalities M.")
@@ -96,24 +97,24 @@ def largest_angle(u, v):
 
 def step_throughput(config, dim, n_train, steps=100):
   """Steps/s and GFLOP/s of the jitted training step (after compilation)."""
-  model = reduction.get_model(dim, config)
-  loss_fn = reduction.get_loss_fn(model, 0.1)
+  model = score_ratio.get_model(dim, config)
+  loss_fn = score_ratio.get_loss_fn(model, 0.1)
   x = jax.random.normal(jax.random.key(0), (n_train, dim))
   b0 = None if config.parametrisation == "mlp" else jnp.eye(dim) * 0.1
   state = train_state.TrainState.create(
       apply_fn=None, params=model.init(jax.random.key(1), b0),
       tx=optax.adam(config.learning_rate))
   kwargs = dict(loss_fn=loss_fn, batch_size=config.batch_size)
-  compiled = reduction.train_steps.lower(
+  compiled = score_ratio.train_steps.lower(
       state, x, jax.random.key(2), num_steps=1, **kwargs).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
-  state, _ = reduction.train_steps(state, x, jax.random.key(2),
+  state, _ = score_ratio.train_steps(state, x, jax.random.key(2),
                                    num_steps=steps, **kwargs)
   jax.block_until_ready(state)
   start = time.perf_counter()
-  state, _ = reduction.train_steps(state, x, jax.random.key(3),
+  state, _ = score_ratio.train_steps(state, x, jax.random.key(3),
                                    num_steps=steps, **kwargs)
   jax.block_until_ready(state)
   rate = steps / (time.perf_counter() - start)

@@ -85,7 +85,7 @@ def get_config():
       min_rank=1,
       max_rank=-1,  # -1: no ceiling.
       max_steps=4000,  # score-ratio training steps at most; 0: the linear fit alone.
-      # Score-ratio network s(x) = B0 x + residual (see sbmae.reduction.ReductionConfig).
+      # Score-ratio network s(x) = B0 x + residual (see sbmae.reduction.ReductionConfig, sbmae.score_ratio).
       parametrisation="ridge",  # "ridge", "lowrank", "linear_mlp" or "mlp".
       bottleneck=64,
       width=32,

@@ -17,6 +17,7 @@ import pytest
 
 from sbmae import plots
 from sbmae import reduction
+from sbmae import score_ratio
 
 D = 6  # size of each test block
 RHOS = (0.8, 0.6)  # canonical correlations between blocks "a" and "b"
@@ -237,12 +238,12 @@ def _random_params(model, dim):
       0.5 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
 
 
-@pytest.mark.parametrize("kind", reduction.PARAMETRISATIONS)
+@pytest.mark.parametrize("kind", score_ratio.PARAMETRISATIONS)
 def test_divergence_is_the_jacobian_trace(kind):
   dim = 7
   config = reduction.ReductionConfig(parametrisation=kind, divergence="exact",
                                      bottleneck=4, width=8, depth=1)
-  model = reduction.get_model(dim, config)
+  model = score_ratio.get_model(dim, config)
   params = _random_params(model, dim)
   x = jax.random.normal(jax.random.key(2), (5, dim))
 
@@ -261,8 +262,8 @@ def test_hutchinson_divergence_averages_to_the_trace():
   dim = 7
   config = reduction.ReductionConfig(parametrisation="lowrank", bottleneck=4,
                                      width=8, depth=1, num_probes=4000)
-  model = reduction.get_model(dim, config)
-  exact = reduction.get_model(dim, dataclasses.replace(config,
+  model = score_ratio.get_model(dim, config)
+  exact = score_ratio.get_model(dim, dataclasses.replace(config,
                                                        divergence="exact"))
   params = _random_params(model, dim)
   x = jax.random.normal(jax.random.key(2), (5, dim))
@@ -276,12 +277,12 @@ def test_hutchinson_divergence_averages_to_the_trace():
 def test_objective_of_linear_score_has_closed_form():
   # F(B) = 1/2 tr(B S B^T) + tr(B) - tr(B S), S the second moment.
   dim = 6
-  model = reduction.get_model(dim, reduction.ReductionConfig())
+  model = score_ratio.get_model(dim, reduction.ReductionConfig())
   rs = np.random.RandomState(7)
   b = jnp.asarray(rs.randn(dim, dim), jnp.float32)
   x = jnp.asarray(rs.randn(500, dim) @ rs.randn(dim, dim), jnp.float32)
   params = model.init(jax.random.key(0), b)  # residual starts at zero
-  f = jax.jit(reduction.get_objective_fn(model))(params, jax.random.key(1), x)
+  f = jax.jit(score_ratio.get_objective_fn(model))(params, jax.random.key(1), x)
   s2 = np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / len(x)
   bb = np.asarray(b, np.float64)
   expected = 0.5 * np.trace(bb @ s2 @ bb.T) + np.trace(bb) - np.trace(bb @ s2)
@@ -294,7 +295,7 @@ def test_diagnostic_blocks_match_direct_sum():
   b = jnp.asarray(rs.randn(10, 10), jnp.float32)
   x = jnp.asarray(rs.randn(1000, 10), jnp.float32)  # 3.9 batches of 256
   score_fn = lambda params, x: x @ params.T
-  sums, count = reduction.diagnostic_blocks(score_fn, b, x, dims, 256)
+  sums, count = score_ratio.diagnostic_blocks(score_fn, b, x, dims, 256)
   s = np.asarray(x @ b.T, np.float64)
   assert float(count) == 1000
   for block, (lo, hi) in zip(sums, [(0, 3), (3, 8), (8, 10)]):

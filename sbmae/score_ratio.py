@@ -1,0 +1,386 @@
+"""Score-ratio matching: the network s_theta ~ grad log(pi / rho) and its training.
+
+For whitened samples x of pi and the reference rho = N(0, I_D), the score ratio
+s = grad log(pi / rho) minimises the implicit objective
+F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"); F needs no
+density. `train_score_ratio` fits s_theta = B_0 x + r(x): a closed-form linear
+term (`linear_fit`, exact for Gaussian latents, shrunk against sampling noise)
+plus a nonlinear residual, with early stopping on held-out F.
+`diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T].
+`sbmae.reduction` builds the per-modality reduction on top of these.
+"""
+
+import functools
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import flax
+from flax.training import train_state
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = Any
+PARAMETRISATIONS = ("ridge", "lowrank", "linear_mlp", "mlp")
+
+
+class MLP(nn.Module):
+  """GELU MLP; its last layer starts at zero unless `zero_output` is False."""
+  features: int
+  width: int
+  depth: int
+  zero_output: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = nn.gelu(nn.Dense(self.width)(x))
+    init = (nn.initializers.zeros if self.zero_output else
+            nn.linear.default_kernel_init)
+    return nn.Dense(self.features, kernel_init=init)(x)
+
+
+class RidgeFunctions(nn.Module):
+  """k separate scalar functions g_j(u_j), each a one-hidden-layer GELU net."""
+  features: int
+  width: int
+
+  @nn.compact
+  def __call__(self, u):
+    shape = (self.features, self.width)
+    normal = nn.initializers.normal
+    w_in = self.param("kernel_in", normal(1.0), shape)
+    b_in = self.param("bias_in", normal(1.0), shape)
+    w_out = self.param("kernel_out", normal(self.width**-0.5), shape)
+    b_out = self.param("bias_out", nn.initializers.zeros, (self.features,))
+    return jnp.sum(nn.gelu(u[..., None] * w_in + b_in) * w_out, -1) + b_out
+
+
+class ScoreRatioModel(NamedTuple):
+  """Pure functions of a score-ratio parametrisation.
+
+  init(rng, b0) -> params, b0 [D, D] the linear fit (None for "mlp"), stored
+  as params["linear"] and never trained; score(params, x[B, D]) -> s[B, D];
+  score_and_divergence(params, x[B, D], rng) -> (s[B, D], div s [B]);
+  penalty(params) -> the sum of squares that the penalty coefficient scales.
+  """
+  init: Callable[..., Params]
+  score: Callable[[Params, jax.Array], jax.Array]
+  score_and_divergence: Callable[..., tuple[jax.Array, jax.Array]]
+  penalty: Callable[[Params], jax.Array]
+
+
+def _weighted_trace(f, u, rng, weight, mode, num_probes):
+  """tr(weight @ J_f(u)) for one vector u, exactly or by Hutchinson probes."""
+  if mode == "exact":
+    jac = jax.jacfwd(f)(u)
+    return jnp.trace(jac) if weight is None else jnp.sum(jac.T * weight)
+  if mode != "hutchinson":
+    raise ValueError(f"Unknown divergence mode {mode!r}")
+  probes = jax.random.rademacher(rng, (num_probes, u.shape[-1]), u.dtype)
+  _, f_jvp = jax.linearize(f, u)
+  left = probes if weight is None else probes @ weight
+  return jnp.mean(jnp.sum(left * jax.vmap(f_jvp)(probes), axis=-1))
+
+
+def linear_fit(x_train, x_held_out, grid):
+  """Closed-form linear score ratio s(x) = B_0 x, guarded against noise.
+
+  The minimiser of F over linear maps is I - Sigma^{-1}, i.e. diag(1 - 1/sigma)
+  in the eigenbasis V of the training second moment. With gamma = D / n,
+  sampling noise alone spreads sigma over the Marchenko-Pastur bulk
+  [(1 - sqrt(gamma))^2, (1 + sqrt(gamma))^2], so three shrinkers are tried:
+  soft thresholding, b = sign(sigma - 1) max(|sigma - 1| - lam, 0) / sigma (the
+  minimiser of F + lam ||B||_*); hard thresholding, b = (1 - 1/sigma)
+  [|sigma - 1| > lam]; and the spiked-covariance rule, b = 1 - 1/s_eff outside
+  the bulk (0 inside), where ell solves sigma = ell (1 + gamma / (ell - 1)) and
+  s_eff = 1 + c^2 (ell - 1) is the population variance along the sample
+  eigenvector (c^2 its squared cosine with the spike). F is quadratic in b, so
+  every candidate's held-out F is exact and cheap; the best is kept.
+
+  Args:
+    x_train: [n, D] whitened training samples.
+    x_held_out: [m, D] whitened held-out samples.
+    grid: thresholds lam to try, in units of sqrt(gamma).
+
+  Returns:
+    (B_0 [D, D], name of the chosen rule, its held-out F).
+  """
+  n, dim = x_train.shape
+  gamma = dim / n
+  sigma, v = jnp.linalg.eigh(x_train.T @ x_train / n)
+  sigma = jnp.maximum(sigma, 1e-6)  # a constant direction would give 1/0
+  # Held-out second moment along v: F(B) = sum_i b_i^2 s_i / 2 + b_i - b_i s_i.
+  s_held = jnp.mean((x_held_out @ v) ** 2, axis=0)
+  lams = jnp.asarray(grid, jnp.float32)[:, None] * math.sqrt(gamma)
+  gap = jnp.abs(sigma - 1)
+  soft = jnp.sign(sigma - 1) * jnp.maximum(gap - lams, 0) / sigma
+  hard = jnp.where(gap > lams, 1 - 1 / sigma, 0.0)
+  q = 1 + sigma - gamma
+  root = jnp.sqrt(jnp.maximum(q**2 - 4 * sigma, 0))
+  ell = jnp.where(sigma > 1, q + root, q - root) / 2
+  cos2 = jnp.clip((1 - gamma / (ell - 1)**2) / (1 + gamma / (ell - 1)), 0, 1)
+  outside = ((sigma > (1 + math.sqrt(gamma))**2)
+             | (sigma < (1 - math.sqrt(gamma))**2))
+  spiked = jnp.where(outside, 1 - 1 / (1 + cos2 * (ell - 1)), 0.0)
+  b = jnp.concatenate([soft, hard, spiked[None]])
+  f_held = jnp.sum(0.5 * b**2 * s_held + b - b * s_held, axis=-1)
+  best = int(jnp.argmin(f_held))
+  names = [f"{rule} threshold {lam} sqrt(D/n)" for rule in ("soft", "hard")
+           for lam in grid] + ["spiked-covariance shrinkage"]
+  return (v * b[best]) @ v.T, names[best], float(f_held[best])
+
+
+def get_model(dim: int, config) -> ScoreRatioModel:
+  """The score-ratio model on R^dim chosen by `config.parametrisation`."""
+  mode, probes = config.divergence, config.num_probes
+  kind = config.parametrisation
+  if kind in ("ridge", "lowrank"):
+    # More ridge functions than dimensions help (more random starting
+    # directions); an MLP on R^k gains nothing from k > D.
+    k = config.bottleneck if kind == "ridge" else min(config.bottleneck, dim)
+    # A starts at zero, so g keeps a random last layer (else no gradient).
+    net = (RidgeFunctions(k, config.width) if kind == "ridge" else
+           MLP(k, config.width, config.depth, zero_output=False))
+
+    def init(rng, b0):
+      rw, rg = jax.random.split(rng)
+      return {"linear": b0, "A": jnp.zeros((dim, k)),
+              "W": jax.random.normal(rw, (dim, k)) / math.sqrt(dim),
+              "g": net.init(rg, jnp.zeros((k,)))["params"]}
+
+    def residual(params, x):
+      return net.apply({"params": params["g"]}, x @ params["W"]) @ params["A"].T
+
+    def residual_divergence(params, x, rng):
+      # div A g(W^T x) = tr(W^T A J_g(u)) at u = W^T x.
+      g = lambda u: net.apply({"params": params["g"]}, u)
+      u = x @ params["W"]
+      if kind == "ridge":  # J_g is diagonal: one jvp along ones gives it.
+        _, dg = jax.jvp(g, (u,), (jnp.ones_like(u),))
+        return dg @ jnp.sum(params["W"] * params["A"], 0)
+      m = params["W"].T @ params["A"]
+      return jax.vmap(lambda ui, r: _weighted_trace(g, ui, r, m, mode, probes))(
+          u, jax.random.split(rng, x.shape[0]))
+
+    def penalty(params):
+      return jnp.sum(params["A"] ** 2) + jnp.sum(params["W"] ** 2)
+
+  elif kind in ("linear_mlp", "mlp"):
+    net = MLP(dim, config.width, config.depth)
+
+    def init(rng, b0):
+      params = {"net": net.init(rng, jnp.zeros((dim,)))["params"]}
+      return params if kind == "mlp" else dict(params, linear=b0)
+
+    def residual(params, x):
+      return net.apply({"params": params["net"]}, x)
+
+    def residual_divergence(params, x, rng):
+      g = lambda xi: net.apply({"params": params["net"]}, xi)
+      return jax.vmap(lambda xi, r: _weighted_trace(g, xi, r, None, mode,
+                                                    probes))(
+          x, jax.random.split(rng, x.shape[0]))
+
+    def penalty(params):
+      del params
+      return jnp.zeros(())
+
+  else:
+    raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, "
+                     f"got {kind!r}")
+
+  def score(params, x):
+    s = residual(params, x)
+    if "linear" in params:
+      s = s + x @ jax.lax.stop_gradient(params["linear"]).T
+    return s
+
+  def score_and_divergence(params, x, rng):
+    div = residual_divergence(params, x, rng)
+    if "linear" in params:
+      div = div + jnp.trace(params["linear"])
+    return score(params, x), div
+
+  return ScoreRatioModel(init, score, score_and_divergence, penalty)
+
+
+def get_objective_fn(model: ScoreRatioModel):
+  """Per-sample implicit objective f(x) = 1/2 ||s||^2 + div s - s.x.
+
+  Its mean is F(s), equal to 1/2 E||s - grad log(pi/rho)||^2 up to a constant.
+  """
+  def objective_fn(params, rng, x):
+    s, div = model.score_and_divergence(params, x, rng)
+    return 0.5 * jnp.sum(s * s, -1) + div - jnp.sum(s * x, -1)
+  return objective_fn
+
+
+def get_loss_fn(model: ScoreRatioModel, penalty: float):
+  """Training loss: mean objective plus penalty/2 * model.penalty(params).
+
+  Returns:
+    loss_fn(params, rng, batch) -> (loss, metrics).
+  """
+  objective_fn = get_objective_fn(model)
+
+  def loss_fn(params, rng, batch):
+    objective = jnp.mean(objective_fn(params, rng, batch))
+    reg = 0.5 * penalty * model.penalty(params)
+    return objective + reg, {"objective": objective, "penalty": reg}
+  return loss_fn
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size",
+                                             "num_steps"), donate_argnums=0)
+def train_steps(state, x, rng, *, loss_fn, batch_size, num_steps):
+  """Runs `num_steps` Adam steps on batches drawn (with replacement) from x.
+
+  Args:
+    state: flax TrainState (donated).
+    x: [n, D] training samples.
+    rng: base key; step t uses fold_in(rng, t), so runs are reproducible.
+    loss_fn: from get_loss_fn.
+    batch_size: samples per step.
+    num_steps: steps in this call.
+
+  Returns:
+    (new state, metrics of the last step).
+  """
+  def step(state, _):
+    key = jax.random.fold_in(rng, state.step)
+    k_batch, k_loss = jax.random.split(key)
+    idx = jax.random.randint(k_batch, (batch_size,), 0, x.shape[0])
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, k_loss,
+                                                     x[idx])
+    return state.apply_gradients(grads=grads), metrics
+
+  state, metrics = jax.lax.scan(step, state, None, length=num_steps)
+  return state, jax.tree.map(lambda m: m[-1], metrics)
+
+
+def _batched(x, batch_size):
+  """Pads x [n, ...] to whole batches: ([nb, batch, ...], weights)."""
+  n = x.shape[0]
+  nb = -(-n // batch_size)
+  xp = jnp.pad(x, [(0, nb * batch_size - n)] + [(0, 0)] * (x.ndim - 1))
+  w = (jnp.arange(nb * batch_size) < n).astype(x.dtype)
+  return xp.reshape(nb, batch_size, *x.shape[1:]), w.reshape(nb, batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("objective_fn", "batch_size"))
+def held_out_objective(objective_fn, params, x, rng, batch_size):
+  """Mean of objective_fn over x in batches (same rng: same probes)."""
+  xb, wb = _batched(x, batch_size)
+
+  def body(total, inp):
+    i, xi, wi = inp
+    f = objective_fn(params, jax.random.fold_in(rng, i), xi)
+    return total + jnp.sum(f * wi), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros(()),
+                          (jnp.arange(xb.shape[0]), xb, wb))
+  return total / x.shape[0]
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "dims", "batch_size"))
+def diagnostic_blocks(score_fn, params, x, dims, batch_size):
+  """Sums of s_m s_m^T over x for every block m, never forming the D x D matrix.
+
+  Args:
+    score_fn: score_fn(params, x[B, D]) -> s[B, D].
+    params: its parameters.
+    x: [n, D] whitened samples (concatenated blocks).
+    dims: tuple of block sizes d_m, summing to D.
+    batch_size: samples per step of the accumulation loop.
+
+  Returns:
+    (sums, count): a tuple of [d_m, d_m] sums and the number of samples; H_mm is
+    sums[m] / count. Both can be psum-ed over devices before the division.
+  """
+  xb, wb = _batched(x, batch_size)
+  edges = np.cumsum((0,) + tuple(dims))
+
+  def body(sums, inp):
+    xi, wi = inp
+    s = score_fn(params, xi) * wi[:, None]
+    blocks = [s[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
+    return tuple(acc + sb.T @ sb for acc, sb in zip(sums, blocks)), None
+
+  init = tuple(jnp.zeros((d, d), x.dtype) for d in dims)
+  sums, _ = jax.lax.scan(body, init, (xb, wb))
+  return sums, jnp.sum(wb)
+
+
+def train_score_ratio(x_train, x_held_out, *, rng, config):
+  """Fits s_theta by score-ratio matching with early stopping on held-out F.
+
+  Args:
+    x_train: [n, D] whitened training samples.
+    x_held_out: [m, D] whitened held-out samples.
+    rng: PRNG key.
+    config: a `sbmae.reduction.ReductionConfig` (its score-ratio fields).
+
+  Returns:
+    (model, params, info): the ScoreRatioModel, the parameters with the best
+    held-out F, and a dict with "held_out_objective" (that F),
+    "linear_held_out_objective" (F of the linear fit alone, if any),
+    "train_steps" and "best_step".
+  """
+  n, dim = x_train.shape
+  model = get_model(dim, config)
+  b0 = None
+  if config.parametrisation != "mlp":
+    b0, rule, linear_f = linear_fit(x_train, x_held_out, config.threshold_grid)
+    logging.info("reduction: linear fit (%s), held-out F %.4f", rule, linear_f)
+  penalty = config.penalty * math.sqrt(dim / n)
+  loss_fn = get_loss_fn(model, penalty)
+  objective_fn = get_objective_fn(model)
+  k_init, k_train, k_eval = jax.random.split(rng, 3)
+  schedule = optax.cosine_decay_schedule(config.learning_rate, config.max_steps,
+                                         alpha=0.01)
+  # Weight decay on the nonlinear kernels only (A, W have their penalty); the
+  # closed-form linear part stays fixed.
+  labels = lambda p: flax.traverse_util.path_aware_map(
+      lambda path, _: ("frozen" if path[0] == "linear" else
+                       "decay" if path[-1].startswith("kernel") else "plain"),
+      p)
+  tx = optax.multi_transform(
+      {"frozen": optax.set_to_zero(),
+       "decay": optax.adamw(schedule, weight_decay=config.weight_decay),
+       "plain": optax.adam(schedule)}, labels)
+  state = train_state.TrainState.create(
+      apply_fn=None, params=model.init(k_init, b0), tx=tx)
+  eval_fn = lambda p: float(held_out_objective(
+      objective_fn, p, x_held_out, k_eval, config.batch_size))
+  # Copies: the state's buffers are donated to train_steps.
+  best_f, best_step = eval_fn(state.params), 0
+  best_params = jax.tree.map(jnp.copy, state.params)
+  bad_evals, start = 0, time.perf_counter()
+  while int(state.step) < config.max_steps and bad_evals < config.patience:
+    num = min(config.eval_every, config.max_steps - int(state.step))
+    state, metrics = train_steps(state, x_train, k_train, loss_fn=loss_fn,
+                                 batch_size=config.batch_size, num_steps=num)
+    step, f = int(state.step), eval_fn(state.params)
+    if not math.isfinite(f):
+      raise FloatingPointError(f"Held-out objective is {f} at step {step}")
+    if f < best_f:
+      best_params = jax.tree.map(jnp.copy, state.params)
+      best_f, best_step, bad_evals = f, step, 0
+    else:
+      bad_evals += 1
+    rate = step / (time.perf_counter() - start)
+    logging.info("reduction step %d: train F %.4f, penalty %.4f, held-out F "
+                 "%.4f (best %.4f @ %d); %.1f steps/s, ETA <= %.0f s", step,
+                 metrics["objective"], metrics["penalty"], f, best_f,
+                 best_step, rate, (config.max_steps - step) / rate)
+  info = dict(held_out_objective=best_f, train_steps=int(state.step),
+              best_step=best_step)
+  if b0 is not None:
+    info["linear_held_out_objective"] = linear_f
+  return model, best_params, info
+
