@@ -123,3 +123,28 @@ def save_all(reduction, out_dir):
   for fn, path in zip((plot_spectra, plot_kl_bound, plot_ranks), paths):
     fn(reduction, path)
   return paths
+
+
+def plot_coherence(runs, path):
+  """Conditional coherence against the number of observed modalities.
+
+  Args:
+    runs: dict label -> eval metrics (the "metrics" dict of eval/metrics.json),
+      one line per run.
+    path: output PNG.
+  """
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  all_ks = set()
+  for label, metrics in runs.items():
+    ks = sorted(int(key.rsplit("_k", 1)[1]) for key in metrics
+                if key.startswith("coherence/conditional_k"))
+    ax.plot(ks, [metrics[f"coherence/conditional_k{k}"] for k in ks], marker="o",
+            label=label)
+    all_ks.update(ks)
+  ax.set_xticks(sorted(all_ks))
+  ax.set_xlabel("observed modalities k")
+  ax.set_ylabel("conditional coherence")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  _save(fig, path)

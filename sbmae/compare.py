@@ -1,0 +1,85 @@
+"""Compares finished runs: a Markdown table and a coherence-vs-k plot.
+
+  python -m sbmae.compare --run=full:/tmp/w/full --run=reduced:/tmp/w/reduced \
+      --out=/tmp/w/compare
+
+reads each run's `eval/metrics.json` (and `reduce/reduction.json` when the run
+used the dimension reduction) and writes `<out>/coherence.png` and
+`<out>/table.md` (also printed): conditional coherence for every k, its mean,
+unconditional coherence, fd_clf per modality, ranks and KL bound.
+"""
+
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+
+from sbmae import plots
+
+_RUNS = flags.DEFINE_multi_string("run", [], "label:workdir of a finished run (repeat).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+
+
+def load_run(workdir):
+  """(eval metrics dict, reduction summary dict or None) of a finished run."""
+  workdir = pathlib.Path(workdir)
+  metrics_path = workdir / "eval" / "metrics.json"
+  if not metrics_path.exists():
+    raise FileNotFoundError(f"{metrics_path} not found: run the evaluate stage of {workdir} "
+                            "first (python -m sbmae.main ... --workdir={workdir}).")
+  metrics = json.loads(metrics_path.read_text())["metrics"]
+  reduction_path = workdir / "reduce" / "reduction.json"
+  reduction = json.loads(reduction_path.read_text()) if reduction_path.exists() else None
+  return metrics, reduction
+
+
+def table(runs):
+  """Markdown table with one row per run.
+
+  Args:
+    runs: dict label -> (metrics, reduction or None) from `load_run`.
+  """
+  metrics = [m for m, _ in runs.values()]
+  ks = sorted({int(key.rsplit("_k", 1)[1]) for m in metrics for key in m
+               if key.startswith("coherence/conditional_k")})
+  fds = sorted({key for m in metrics for key in m if key.startswith("fd_clf/")},
+               key=lambda s: int(s.rsplit("/m", 1)[1]) if "/m" in s else s)
+  head = (["run", "latent dims (ranks)", "KL bound"] + [f"k={k}" for k in ks]
+          + ["mean", "uncond."] + [f.replace("fd_clf/", "fd_clf ") for f in fds])
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for label, (m, red) in runs.items():
+    if red is None:
+      dims, bound = "full", "-"
+    else:
+      dims = f"{sum(red['ranks'])} ({'/'.join(str(r) for r in red['ranks'])})"
+      bound = f"{red['kl_bound']:.3f}"
+    cells = ([label, dims, bound]
+             + [f"{m[f'coherence/conditional_k{k}']:.3f}" if f"coherence/conditional_k{k}" in m
+                else "-" for k in ks]
+             + [f"{m['coherence/conditional_mean']:.3f}", f"{m['coherence/unconditional']:.3f}"]
+             + [f"{m[f]:.1f}" if f in m else "-" for f in fds])
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def main(argv):
+  del argv
+  if not _RUNS.value or not _OUT.value:
+    raise app.UsageError("give --run=label:workdir (one or more) and --out=folder")
+  runs = {}
+  for spec in _RUNS.value:
+    label, sep, workdir = spec.partition(":")
+    if not sep:
+      raise app.UsageError(f"--run={spec!r}: expected label:workdir")
+    runs[label] = load_run(workdir)
+  out = pathlib.Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  plots.plot_coherence({label: m for label, (m, _) in runs.items()}, out / "coherence.png")
+  text = table(runs)
+  (out / "table.md").write_text(text + "\n")
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
