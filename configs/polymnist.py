@@ -20,6 +20,9 @@ def get_config(arg=""):
   config = default.get_config()
   if "m10" in tokens:
     config.data.num_modalities = 10
+    # All 1,022 proper subsets would take ~50x the PolyMNIST-5 evaluation:
+    # score a seeded random sample of 10 subsets for every k (5 on CPU).
+    config.eval.max_subsets = 10
   if "reduce" in tokens:
     config.reduction.enabled = True
 
@@ -37,11 +40,18 @@ def get_config(arg=""):
     config.eval.update(num_examples=100, num_unconditional=100, grid_examples=6)
   elif "cpu" in tokens:
     config.log_every = 50
-    config.classifier.update(width=32, num_steps=3000, batch_size=128)
+    # 4,000 steps at 2e-3 put the hardest background (china.jpg) above 98%
+    # (0.9816 at 3,000 steps; 0.9776 at 1e-3).
+    config.classifier.update(width=32, num_steps=4000, batch_size=128, learning_rate=2e-3)
     config.autoencoder.update(widths=(16, 32, 64), num_steps=2000, batch_size=64,
                               warmup_steps=100)
-    config.prior.update(hidden=512, num_layers=3, num_steps=4000, batch_size=256,
-                        learning_rate=5e-4, ema_decay=0.999)
+    # Prior steps matter most for coherence: on the same latents, mean
+    # conditional coherence 0.35 after 4,000 steps, 0.52 after 20,000.
+    # Masking (clean conditioning) removes the replacement sampler's bias.
+    config.prior.update(hidden=512, num_layers=3, num_steps=30000, batch_size=256,
+                        learning_rate=5e-4, ema_decay=0.999, mask_prob=0.5)
     config.sampling.update(num_steps=100, batch_size=500)
     config.eval.update(num_examples=500, num_unconditional=500)
+    if "m10" in tokens:
+      config.eval.max_subsets = 5
   return config
