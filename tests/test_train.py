@@ -115,3 +115,30 @@ def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
   assert result.returncode != 0
   assert "num_step" in result.stderr and 'Did you mean "num_steps"' in result.stderr
   assert not (tmp_path / "data").exists()  # stopped before doing any work
+
+
+def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  tiny = ["--config.data.num_train=256", "--config.data.num_test=64",
+          "--config.classifier.num_steps=2", "--config.classifier.batch_size=16",
+          "--config.autoencoder.widths=(8, 8, 8)", "--config.autoencoder.latent_dim=16",
+          "--config.autoencoder.num_steps=2", "--config.autoencoder.batch_size=16",
+          "--config.reduction.max_steps=20", "--config.reduction.batch_size=64",
+          "--config.prior.hidden=32", "--config.prior.num_layers=1",
+          "--config.prior.num_steps=2", "--config.prior.batch_size=16",
+          "--config.sampling.num_steps=3", "--config.sampling.batch_size=8",
+          "--config.eval.num_examples=8", "--config.eval.num_unconditional=8",
+          "--config.eval.grid_examples=2", "--config.eval.max_subsets=1"]
+  result = subprocess.run(
+      ["bash", "launch/full_vs_reduced.sh", "configs/polymnist.py:quick", str(tmp_path), *tiny],
+      capture_output=True, text=True, timeout=600, check=False, cwd=repo)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for shared in ("data", "classifier", "autoencoders"):  # trained once, linked
+    assert (tmp_path / "reduced" / shared).is_symlink()
+  assert (tmp_path / "reduced" / "reduce" / "reduction.json").exists()
+  assert not (tmp_path / "full" / "reduce").exists()
+  table = (tmp_path / "compare" / "table.md").read_text().splitlines()
+  assert table[2].startswith("| full | full | - |")
+  ranks = json.loads((tmp_path / "reduced" / "reduce" / "reduction.json").read_text())["ranks"]
+  assert table[3].startswith(f"| reduced | {sum(ranks)} (")
+  assert (tmp_path / "compare" / "coherence.png").exists()
