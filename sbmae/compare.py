@@ -5,8 +5,10 @@
 
 reads each run's `eval/metrics.json` (and `reduce/reduction.json` when the run
 used the dimension reduction) and writes `<out>/coherence.png` and
-`<out>/table.md` (also printed): conditional coherence for every k, its mean,
-unconditional coherence, fd_clf per modality, ranks and KL bound.
+`<out>/table.md` (also printed): ranks and KL bound, the reconstruction
+coherence (mean over modalities; the ceiling the autoencoders and reduction
+leave), conditional coherence for every k, its mean, unconditional coherence
+and fd_clf per modality.
 """
 
 import json
@@ -45,7 +47,7 @@ def table(runs):
                if key.startswith("coherence/conditional_k")})
   fds = sorted({key for m in metrics for key in m if key.startswith("fd_clf/")},
                key=lambda s: int(s.rsplit("/m", 1)[1]) if "/m" in s else s)
-  head = (["run", "latent dims (ranks)", "KL bound"] + [f"k={k}" for k in ks]
+  head = (["run", "latent dims (ranks)", "KL bound", "recon. coh."] + [f"k={k}" for k in ks]
           + ["mean", "uncond."] + [f.replace("fd_clf/", "fd_clf ") for f in fds])
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for label, (m, red) in runs.items():
@@ -54,7 +56,8 @@ def table(runs):
     else:
       dims = f"{sum(red['ranks'])} ({'/'.join(str(r) for r in red['ranks'])})"
       bound = f"{red['kl_bound']:.3f}"
-    cells = ([label, dims, bound]
+    recon = [v for key, v in m.items() if key.startswith("coherence/reconstruction_")]
+    cells = ([label, dims, bound, f"{sum(recon) / len(recon):.3f}" if recon else "-"]
              + [f"{m[f'coherence/conditional_k{k}']:.3f}" if f"coherence/conditional_k{k}" in m
                 else "-" for k in ks]
              + [f"{m['coherence/conditional_mean']:.3f}", f"{m['coherence/unconditional']:.3f}"]

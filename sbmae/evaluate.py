@@ -9,6 +9,11 @@ Protocol (DESIGN.md "Evaluation"):
   subsets are used when `eval.max_subsets` is -1, else a fixed random sample
   (seeded by config.seed) of that many subsets per k.
 - unconditional coherence: share of joint samples whose M predicted labels agree.
+- `coherence/reconstruction_{m}`: classifier accuracy on decode(encode(x)) of
+  the test images, through the prior's latent (so after the reduction, with
+  the discarded directions drawn from N(0, I)). It is the ceiling on
+  conditional coherence that the autoencoders and the reduction leave to the
+  prior.
 - `fd_clf/{m}`: Frechet distance between the classifier's penultimate features
   of unconditional samples and of real test images of modality m. It is NOT
   Inception FID (named so no one mistakes it); `fid/{m}` is added when
@@ -110,6 +115,11 @@ def run(config, workdir, mm, test_arrays, writer):
   metrics, per_subset = {}, {}
   subset_rng = np.random.default_rng(config.seed)
   t0 = time.perf_counter()
+  recon = mm.decode(flat, jax.random.fold_in(rng, 300))
+  recon_logits = clf_logits(clf_params, recon)
+  for nm in names:
+    metrics[f"coherence/reconstruction_{nm}"] = float(
+        np.mean(np.argmax(recon_logits[nm], -1) == labels))
   for k in range(1, len(names)):
     subsets = subsets_of_size(len(names), k, e.max_subsets, subset_rng)
     coh = conditional_coherence(mm, clf_logits, clf_params, flat, labels, subsets,

@@ -42,6 +42,7 @@ def test_two_step_pipeline_writes_every_output(tmp_path):
   for k in range(1, 5):
     assert 0.0 <= result[f"coherence/conditional_k{k}"] <= 1.0
   assert {f"fd_clf/m{k}" for k in range(5)} <= set(result)
+  assert all(0.0 <= result[f"coherence/reconstruction_m{k}"] <= 1.0 for k in range(5))
   assert np.isfinite(result["fd_clf/m0"])
   # The saved run can be loaded and used by other code.
   mm = multimodal.load(tmp_path)
