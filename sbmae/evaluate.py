@@ -72,6 +72,12 @@ def generate_all(mm, rng, flat, mask, batch_size, decode=True):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
+def label_accuracy(clf_logits, clf_params, images_by_name, labels):
+  """dict name -> share of `images_by_name[name]` classified as `labels`."""
+  logits = clf_logits({n: clf_params[n] for n in images_by_name}, images_by_name)
+  return {n: float(np.mean(np.argmax(v, -1) == labels)) for n, v in logits.items()}
+
+
 def conditional_coherence(mm, clf_logits, clf_params, flat, labels, subsets, rng, batch_size):
   """Mean accuracy of the generated modalities for each subset.
 
@@ -83,9 +89,9 @@ def conditional_coherence(mm, clf_logits, clf_params, flat, labels, subsets, rng
     mask = np.zeros(len(mm.names), bool)
     mask[list(subset)] = True
     generated = generate_all(mm, jax.random.fold_in(rng, j), flat, mask, batch_size)
-    missing = [n for i, n in enumerate(mm.names) if not mask[i]]
-    logits = clf_logits({n: clf_params[n] for n in missing}, {n: generated[n] for n in missing})
-    out[subset] = float(np.mean([np.mean(np.argmax(logits[n], -1) == labels) for n in missing]))
+    missing = {n: generated[n] for i, n in enumerate(mm.names) if not mask[i]}
+    out[subset] = float(np.mean(list(
+        label_accuracy(clf_logits, clf_params, missing, labels).values())))
   return out
 
 
@@ -116,10 +122,8 @@ def run(config, workdir, mm, test_arrays, writer):
   subset_rng = np.random.default_rng(config.seed)
   t0 = time.perf_counter()
   recon = mm.decode(flat, jax.random.fold_in(rng, 300))
-  recon_logits = clf_logits(clf_params, recon)
-  for nm in names:
-    metrics[f"coherence/reconstruction_{nm}"] = float(
-        np.mean(np.argmax(recon_logits[nm], -1) == labels))
+  for nm, acc in label_accuracy(clf_logits, clf_params, recon, labels).items():
+    metrics[f"coherence/reconstruction_{nm}"] = acc
   for k in range(1, len(names)):
     subsets = subsets_of_size(len(names), k, e.max_subsets, subset_rng)
     coh = conditional_coherence(mm, clf_logits, clf_params, flat, labels, subsets,

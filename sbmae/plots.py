@@ -148,3 +148,30 @@ def plot_coherence(runs, path):
   ax.grid(alpha=0.3)
   ax.legend()
   _save(fig, path)
+
+
+def plot_rank_sweep(rows, path):
+  """Reconstruction coherence against total rank, one point per epsilon.
+
+  Args:
+    rows: `sbmae.rank_sweep.sweep` output (the row with epsilon None is the
+      unreduced latent, drawn as a horizontal line).
+    path: output PNG.
+  """
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  reduced = [r for r in rows if r["epsilon"] is not None]
+  ax.plot([r["total_rank"] for r in reduced], [r["reconstruction_mean"] for r in reduced],
+          marker="o", label="reduced")
+  for r in reduced:
+    ax.annotate(f"eps={r['epsilon']:g}", (r["total_rank"], r["reconstruction_mean"]),
+                textcoords="offset points", xytext=(4, -10), fontsize=7)
+  for r in rows:
+    if r["epsilon"] is None:
+      ax.axhline(r["reconstruction_mean"], color="k", ls="--",
+                 label=f"full ({r['total_rank']} dims)")
+  ax.set_xlabel("total rank")
+  ax.set_ylabel("reconstruction coherence")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  _save(fig, path)

@@ -242,6 +242,14 @@ class Reduction:
     return {n: self.means[n] + x[n] @ self.unwhiteners[n].T
             for n in self.names if n in x}
 
+  def with_epsilon(self, epsilon: float, min_rank: int = 0,
+                   max_rank: int = -1) -> "Reduction":
+    """The same fit with ranks re-chosen for `epsilon` (no refitting)."""
+    ranks, kl_bound = select_ranks([self.eigenvalues[n] for n in self.names],
+                                   epsilon, min_rank, max_rank)
+    return self.replace(rank_tuple=ranks, kl_bound=float(kl_bound),
+                        epsilon=float(epsilon))
+
   def project(self, latents: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Raw latents -> reduced y_m = U_m^T x_m [..., r_m]."""
     bases = self.bases

@@ -303,6 +303,19 @@ def test_diagnostic_blocks_match_direct_sum():
                                atol=1e-2)
 
 
+def test_with_epsilon_rechooses_ranks_from_the_same_eigenvalues():
+  red = _manual_reduction()
+  eigs = [np.asarray(red.eigenvalues[n]) for n in red.names]
+  for eps in (0.05, 0.3, 1.0):
+    other = red.with_epsilon(eps)
+    ranks, bound = reduction.select_ranks(eigs, eps)
+    assert other.rank_tuple == ranks and other.kl_bound == pytest.approx(bound)
+    assert bound < eps and other.epsilon == eps
+    for n, r in zip(red.names, ranks):
+      np.testing.assert_array_equal(other.bases[n], red.eigenvectors[n][:, :r])
+  assert sum(red.with_epsilon(0.05).rank_tuple) > sum(red.with_epsilon(1.0).rank_tuple)
+
+
 def test_save_restore_round_trip(tmp_path):
   red = _manual_reduction()
   red.save(tmp_path / "reduction")
