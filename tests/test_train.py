@@ -143,3 +143,17 @@ def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
   ranks = json.loads((tmp_path / "reduced" / "reduce" / "reduction.json").read_text())["ranks"]
   assert table[3].startswith(f"| reduced | {sum(ranks)} (")
   assert (tmp_path / "compare" / "coherence.png").exists()
+
+  # Re-choosing ranks without refitting: more dims as epsilon shrinks, full last.
+  result = subprocess.run(
+      [sys.executable, "-m", "sbmae.rank_sweep", "--config=configs/polymnist.py:quick,reduce",
+       f"--workdir={tmp_path / 'reduced'}", "--epsilons=10,0.1,0.0001", *tiny],
+      capture_output=True, text=True, timeout=300, check=False, cwd=repo)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / "reduced" / "reduce" / "rank_sweep.json").read_text())
+  assert [r["epsilon"] for r in rows] == [10, 0.1, 0.0001, None]
+  totals = [r["total_rank"] for r in rows]
+  assert totals == sorted(totals) and totals[-1] == 5 * 16
+  assert all(r["kl_bound"] < r["epsilon"] for r in rows[:-1])
+  assert all(0.0 <= r["reconstruction_mean"] <= 1.0 for r in rows)
+  assert (tmp_path / "reduced" / "reduce" / "rank_sweep.png").exists()
