@@ -17,7 +17,10 @@ import pathlib
 from absl import app
 from absl import flags
 
+from sbmae import evaluate
 from sbmae import plots
+from sbmae import reduction
+from sbmae import train
 
 _RUNS = flags.DEFINE_multi_string("run", [], "label:workdir of a finished run (repeat).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -26,14 +29,14 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.")
 def load_run(workdir):
   """(eval metrics dict, reduction summary dict or None) of a finished run."""
   workdir = pathlib.Path(workdir)
-  metrics_path = workdir / "eval" / "metrics.json"
+  metrics_path = workdir / evaluate.STAGE / "metrics.json"
   if not metrics_path.exists():
     raise FileNotFoundError(f"{metrics_path} not found: run the evaluate stage of {workdir} "
-                            "first (python -m sbmae.main ... --workdir={workdir}).")
+                            f"first (python -m sbmae.main ... --workdir={workdir}).")
   metrics = json.loads(metrics_path.read_text())["metrics"]
-  reduction_path = workdir / "reduce" / "reduction.json"
-  reduction = json.loads(reduction_path.read_text()) if reduction_path.exists() else None
-  return metrics, reduction
+  summary_path = workdir / train.REDUCTION_DIR / reduction.SUMMARY_FILE
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+  return metrics, summary
 
 
 def table(runs):
@@ -43,10 +46,9 @@ def table(runs):
     runs: dict label -> (metrics, reduction or None) from `load_run`.
   """
   metrics = [m for m, _ in runs.values()]
-  ks = sorted({int(key.rsplit("_k", 1)[1]) for m in metrics for key in m
-               if key.startswith("coherence/conditional_k")})
+  ks = sorted({k for m in metrics for k in plots.conditional_ks(m)})
   fds = sorted({key for m in metrics for key in m if key.startswith("fd_clf/")},
-               key=lambda s: int(s.rsplit("/m", 1)[1]) if "/m" in s else s)
+               key=lambda s: (len(s), s))  # m2 before m10
   head = (["run", "latent dims (ranks)", "KL bound", "recon. coh."] + [f"k={k}" for k in ks]
           + ["mean", "uncond."] + [f.replace("fd_clf/", "fd_clf ") for f in fds])
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

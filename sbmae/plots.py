@@ -125,6 +125,22 @@ def save_all(reduction, out_dir):
   return paths
 
 
+def conditional_ks(metrics):
+  """Sorted k of every `coherence/conditional_k{k}` key in an eval metrics dict."""
+  return sorted(int(key.rsplit("_k", 1)[1]) for key in metrics
+                if key.startswith("coherence/conditional_k"))
+
+
+def _save_unit_plot(fig, ax, xlabel, ylabel, path):
+  """Labels, a [0, 1] y axis, grid and legend, then writes the figure."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  _save(fig, path)
+
+
 def plot_coherence(runs, path):
   """Conditional coherence against the number of observed modalities.
 
@@ -136,18 +152,12 @@ def plot_coherence(runs, path):
   fig, ax = plt.subplots(figsize=(5, 3.5))
   all_ks = set()
   for label, metrics in runs.items():
-    ks = sorted(int(key.rsplit("_k", 1)[1]) for key in metrics
-                if key.startswith("coherence/conditional_k"))
+    ks = conditional_ks(metrics)
     ax.plot(ks, [metrics[f"coherence/conditional_k{k}"] for k in ks], marker="o",
             label=label)
     all_ks.update(ks)
   ax.set_xticks(sorted(all_ks))
-  ax.set_xlabel("observed modalities k")
-  ax.set_ylabel("conditional coherence")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  _save(fig, path)
+  _save_unit_plot(fig, ax, "observed modalities k", "conditional coherence", path)
 
 
 def plot_rank_sweep(rows, path):
@@ -169,9 +179,4 @@ def plot_rank_sweep(rows, path):
     if r["epsilon"] is None:
       ax.axhline(r["reconstruction_mean"], color="k", ls="--",
                  label=f"full ({r['total_rank']} dims)")
-  ax.set_xlabel("total rank")
-  ax.set_ylabel("reconstruction coherence")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  _save(fig, path)
+  _save_unit_plot(fig, ax, "total rank", "reconstruction coherence", path)

@@ -33,6 +33,11 @@ import orbax.checkpoint as ocp
 from sbmae import score_ratio
 
 
+# Human-readable summary (names, ranks, dims, KL bound, fit statistics) written
+# by `Reduction.save` next to the Orbax arrays.
+SUMMARY_FILE = "reduction.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class ReductionConfig:
   """Settings of `fit`; the defaults suit N ~ 1e4 samples of D ~ 10..1000 dims.
@@ -288,13 +293,13 @@ class Reduction:
     meta = dict(names=list(self.names), ranks=list(self.rank_tuple),
                 dims=[self.dims[n] for n in self.names], kl_bound=self.kl_bound,
                 epsilon=self.epsilon, stats=self.stats)
-    (path / "reduction.json").write_text(json.dumps(meta, indent=1))
+    (path / SUMMARY_FILE).write_text(json.dumps(meta, indent=1))
 
   @classmethod
   def restore(cls, path) -> "Reduction":
     """Reads a Reduction written by `save`."""
     path = pathlib.Path(path).absolute()
-    meta = json.loads((path / "reduction.json").read_text())
+    meta = json.loads((path / SUMMARY_FILE).read_text())
     names = tuple(meta["names"])
     shapes = dict(means=lambda d: (d,), whiteners=lambda d: (d, d),
                   unwhiteners=lambda d: (d, d), eigenvalues=lambda d: (d,),

@@ -139,7 +139,7 @@ def _stages(config):
 def _fit_reduction(config, workdir, latents, names):
   """Fits (or loads) the reduction and writes its plots."""
   path = pathlib.Path(workdir) / REDUCTION_DIR
-  if (path / "reduction.json").exists():
+  if (path / reduction.SUMMARY_FILE).exists():
     return reduction.Reduction.restore(path)
   t0 = time.perf_counter()
   red = reduction.fit({n: latents[n] for n in names}, epsilon=config.reduction.epsilon,

@@ -16,15 +16,25 @@ from sbmae import train
 from sbmae import training
 
 
+# Tiny sizes for the quick config, as dotted config keys (also passed as
+# --config.KEY=VALUE flags to the command-line tools).
+TINY = {
+    "data.num_train": 256, "data.num_test": 64, "log_every": 1, "checkpoint_every": 1,
+    "classifier.num_steps": 2, "classifier.batch_size": 16,
+    "autoencoder.widths": (8, 8, 8), "autoencoder.latent_dim": 16,
+    "autoencoder.num_steps": 2, "autoencoder.batch_size": 16,
+    "prior.hidden": 32, "prior.num_layers": 1, "prior.num_steps": 2, "prior.batch_size": 16,
+    "sampling.num_steps": 3, "sampling.batch_size": 8,
+    "eval.num_examples": 8, "eval.num_unconditional": 8, "eval.grid_examples": 2,
+    "eval.max_subsets": 2,
+}
+
+
 def tiny_config(**stage_steps):
   config = polymnist_config.get_config("quick")
-  config.data.num_train, config.data.num_test = 256, 64
-  config.log_every = config.checkpoint_every = 1
-  config.classifier.update(num_steps=2, batch_size=16)
-  config.autoencoder.update(widths=(8, 8, 8), latent_dim=16, num_steps=2, batch_size=16)
-  config.prior.update(hidden=32, num_layers=1, num_steps=2, batch_size=16)
-  config.sampling.update(num_steps=3, batch_size=8)
-  config.eval.update(num_examples=8, num_unconditional=8, grid_examples=2, max_subsets=2)
+  for key, value in TINY.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
   for stage, steps in stage_steps.items():
     config[stage].num_steps = steps
   return config
@@ -120,16 +130,9 @@ def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
 
 def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
   repo = pathlib.Path(__file__).resolve().parents[1]
-  tiny = ["--config.data.num_train=256", "--config.data.num_test=64",
-          "--config.classifier.num_steps=2", "--config.classifier.batch_size=16",
-          "--config.autoencoder.widths=(8, 8, 8)", "--config.autoencoder.latent_dim=16",
-          "--config.autoencoder.num_steps=2", "--config.autoencoder.batch_size=16",
-          "--config.reduction.max_steps=20", "--config.reduction.batch_size=64",
-          "--config.prior.hidden=32", "--config.prior.num_layers=1",
-          "--config.prior.num_steps=2", "--config.prior.batch_size=16",
-          "--config.sampling.num_steps=3", "--config.sampling.batch_size=8",
-          "--config.eval.num_examples=8", "--config.eval.num_unconditional=8",
-          "--config.eval.grid_examples=2", "--config.eval.max_subsets=1"]
+  overrides = {**TINY, "reduction.max_steps": 20, "reduction.batch_size": 64,
+               "eval.max_subsets": 1}
+  tiny = [f"--config.{key}={value}" for key, value in overrides.items()]
   result = subprocess.run(
       ["bash", "launch/full_vs_reduced.sh", "configs/polymnist.py:quick", str(tmp_path), *tiny],
       capture_output=True, text=True, timeout=600, check=False, cwd=repo)
