@@ -17,8 +17,8 @@ import jax
 import ml_collections
 
 import common
-from sbmae import autoencoders
-from sbmae import modalities
+from sbmae.stages import autoencoders
+from sbmae.data import modalities
 from sbmae import training
 
 flags.DEFINE_float("peak_gflops", common.REFERENCE_PEAK_GFLOPS,

@@ -2,7 +2,7 @@
 
   python bench/bench_input.py [--num_modalities=5] [--batch_size=256] [--steps=200]
 
-Builds PolyMNIST-M from real MNIST (../shared/data/mnist.npz or $SBMAE_MNIST;
+Builds PolyMNIST-M from real MNIST (--mnist, default ../shared/data/mnist.npz;
 test split, 10,000 tuples) and times shuffled batches as the training loop
 reads them: index shuffle, gather, uint8 -> float32 [0, 1].
 """
@@ -17,6 +17,7 @@ from sbmae.data import mnist
 from sbmae.data import pipeline
 from sbmae.data import polymnist
 
+flags.DEFINE_string("mnist", "../shared/data/mnist.npz", "MNIST .npz or idx folder.")
 flags.DEFINE_integer("num_modalities", 5, "M.")
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
 flags.DEFINE_integer("steps", 200, "Timed batches.")
@@ -24,7 +25,7 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-  digits = mnist.load_mnist()
+  digits = mnist.load_mnist(FLAGS.mnist)
   t0 = time.perf_counter()
   split = polymnist.build_split(digits["x_test"], digits["y_test"],
                                 polymnist.load_backgrounds("builtin", FLAGS.num_modalities),

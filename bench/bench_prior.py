@@ -25,9 +25,9 @@ import numpy as np
 import optax
 
 import common
-from sbmae import losses
-from sbmae import sample as sample_lib
-from sbmae import sde as sde_lib
+from sbmae.diffusion import losses
+from sbmae.diffusion import sample as sample_lib
+from sbmae.diffusion import sde as sde_lib
 from sbmae.models import score as score_lib
 
 FLAGS = flags.FLAGS

@@ -22,9 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sbmae import plots
-from sbmae import reduction
-from sbmae import score_ratio
+import common
+from sbmae import latents as latents_lib
+from sbmae import testing
+from sbmae.reduction import plots
+from sbmae.reduction import reduction
+from sbmae.reduction import score_ratio
 
 _N = flags.DEFINE_integer("num_samples", 10000, "Latent samples N.")
 _M = flags.DEFINE_integer("num_modalities", 10, "Modalities M.")
@@ -37,18 +40,6 @@ _PLOTS = flags.DEFINE_string("plot_dir", "", "If set, write the plots here.")
 
 RHOS = (0.9, 0.7, 0.5)
 BIMODAL_MEAN = 0.9
-PEAK_GFLOPS = 309.0  # fp32 GEMM peak of the 2-core benchmark machine
-
-
-def bimodal_eigenvalue(a):
-  """H eigenvalue of the mixture (N(-a, 1 - a^2) + N(a, 1 - a^2)) / 2."""
-  var = 1 - a * a
-  y = np.linspace(-9, 9, 200001)
-  g_plus = np.exp(-(y - a)**2 / (2 * var))
-  g_minus = np.exp(-(y + a)**2 / (2 * var))
-  p = 0.5 * (g_plus + g_minus) / np.sqrt(2 * np.pi * var)
-  dlogp = -((y - a) * g_plus + (y + a) * g_minus) / (var * (g_plus + g_minus))
-  return float(np.sum(p * (dlogp + y)**2) * (y[1] - y[0]))
 
 
 def make_latents(n, m, d, seed):
@@ -70,7 +61,7 @@ def make_latents(n, m, d, seed):
       if i != j:
         sigma[i * d:(i + 1) * d, j * d:(j + 1) * d] = (
             frames[i][:, :k] @ np.diag(rho**2) @ frames[j][:, :k].T)
-  h = sigma - 2 * np.eye(m * d) + np.linalg.inv(sigma)
+  h = testing.gaussian_h(sigma)
   h_blocks = [h[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(m)]
   # Replace m0's coordinate along a direction orthogonal to its factors by an
   # independent bimodal variable (unit variance, H eigenvalue ~2.94).
@@ -78,7 +69,7 @@ def make_latents(n, m, d, seed):
   a = BIMODAL_MEAN
   y = rs.choice([-a, a], size=n) + np.sqrt(1 - a * a) * rs.randn(n)
   xs[0] = xs[0] + np.outer(y - xs[0] @ e, e)
-  h_blocks[0] = h_blocks[0] + bimodal_eigenvalue(a) * np.outer(e, e)
+  h_blocks[0] = h_blocks[0] + testing.bimodal_eigenvalue(a) * np.outer(e, e)
   # Random rotations times scales in [e^-1, e]: latent coordinates of unequal
   # size that the fit must whiten.
   mixing = [np.linalg.qr(rs.randn(d, d))[0] * np.exp(rs.uniform(-1, 1, d))
@@ -133,11 +124,14 @@ def main(argv):
         f"{_D.value}), epsilon {_EPS.value}, config {config}")
 
   start = time.perf_counter()
+  white = latents_lib.Whitening.fit(latents)
+  latents = {n: np.asarray(v) for n, v in white.whiten(latents).items()}
+  t_whiten = time.perf_counter() - start
   red = reduction.fit(latents, epsilon=_EPS.value,
                       rng=jax.random.key(_SEED.value), config=config)
   total = time.perf_counter() - start
   st = red.stats
-  print(f"\ntotal {total:.1f} s = whitening/split {st['whiten_seconds']:.1f} s"
+  print(f"\ntotal {total:.1f} s = whitening {t_whiten:.1f} s"
         f" + training s_theta {st['train_seconds']:.1f} s"
         f" ({st['train_steps']} steps, best at {st['best_step']})"
         f" + accumulating H {st['diagnostic_seconds']:.2f} s"
@@ -148,9 +142,10 @@ def main(argv):
 
   n_train = _N.value - round(config.held_out_fraction * _N.value)
   rate, gflops = step_throughput(config, dim, n_train)
+  peak = common.measured_peak_gflops()
   print(f"training step: {rate:.1f} steps/s, {rate * config.batch_size:.0f} "
-        f"samples/s, {gflops:.1f} GFLOP/s = {100 * gflops / PEAK_GFLOPS:.1f}% "
-        f"of the {PEAK_GFLOPS:.0f} GFLOP/s peak")
+        f"samples/s, {gflops:.1f} GFLOP/s = {100 * gflops / peak:.1f}% "
+        f"of this machine's measured {peak:.0f} GFLOP/s matmul peak")
 
   true_lams = [np.sort(np.linalg.eigvalsh(h))[::-1] for h in h_blocks]
   true_ranks, true_bound = reduction.select_ranks(
@@ -164,7 +159,7 @@ def main(argv):
     lam_true, vec_true = np.linalg.eigh(h_blocks[i])
     vec_true = vec_true[:, ::-1]
     r = min(red.ranks[name], true_ranks[i])
-    q = np.asarray(red.whiteners[name], np.float64) @ mixing[i]
+    q = np.asarray(white.whitener[name], np.float64) @ mixing[i]
     angle = largest_angle(q @ vec_true[:, :r], red.eigenvectors[name][:, :r])
     print(f"  {name}: {np.round(np.asarray(red.eigenvalues[name][:5]), 3)} | "
           f"{np.round(lam_true[::-1][:5], 3)}; angle(top {r}) {angle:.3f}")

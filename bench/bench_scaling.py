@@ -22,11 +22,11 @@ import ml_collections
 import numpy as np
 
 import common
-from sbmae import autoencoders
-from sbmae import losses
-from sbmae import modalities
-from sbmae import prior
-from sbmae import sde as sde_lib
+from sbmae.stages import autoencoders
+from sbmae.diffusion import losses
+from sbmae.data import modalities
+from sbmae.stages import prior
+from sbmae.diffusion import sde as sde_lib
 from sbmae import training
 from sbmae.models import score
 

@@ -55,7 +55,7 @@ def get_config(arg=""):
     # MLP uses the same widths as its hidden layers.
     config.autoencoder.update(latent_dim=256, widths=(64, 128, 256, 256, 512), beta=1e-4,
                               noise_std=1e-3, num_steps=30000, batch_size=256)
-    config.prior.update(model="unet", unet_width=256, unet_mults=(1, 2, 2, 2, 2),
+    config.prior.update(model="unet", width=256, mults=(1, 2, 2, 2, 2),
                         num_steps=100000, batch_size=256, learning_rate=5e-5,
                         warmup_steps=1000)
     config.eval.update(num_examples=5000, num_unconditional=5000)

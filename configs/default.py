@@ -8,7 +8,11 @@ Run:
   python -m sbmae.main --config=configs/polymnist.py:quick --workdir=/tmp/sbmae_quick
 """
 
+import dataclasses
+
 import ml_collections
+
+from sbmae.reduction import reduction
 
 
 def parse_tokens(arg, allowed):
@@ -37,8 +41,12 @@ def get_config():
       # 8x8 digits that ship inside scikit-learn, resized; quickstart only).
       digits="mnist",
       # Keras-style mnist.npz, or a folder with the four idx-ubyte files (gz or
-      # not). Empty: $SBMAE_MNIST, then ../shared/data/mnist.npz, then tfds.
+      # not). Empty: $SBMAE_MNIST, then `mnist_search`, then tfds.
       mnist_path="",
+      # Where to look for MNIST when mnist_path and $SBMAE_MNIST are empty,
+      # relative to the working directory: this project's checkouts keep real
+      # MNIST beside the repository, in ../shared/data.
+      mnist_search=("../shared/data/mnist.npz",),
       # "builtin": the colour images shipped by scikit-image/scikit-learn; else
       # a folder of the user's background images (e.g. the original PolyMNIST ones).
       backgrounds="builtin",
@@ -79,28 +87,13 @@ def get_config():
       grad_clip=1.0,
   ))
 
+  # Every fit setting and its default is documented once, in
+  # sbmae.reduction.reduction.ReductionConfig; the section adds whether the
+  # stage runs and its target.
   config.reduction = ml_collections.ConfigDict(dict(
       enabled=False,
       epsilon=0.5,  # target KL bound (nats) of the ridge approximation.
-      min_rank=1,
-      max_rank=-1,  # -1: no ceiling.
-      max_steps=4000,  # score-ratio training steps at most; 0: the linear fit alone.
-      # Score-ratio network s(x) = B0 x + residual (see sbmae.reduction.ReductionConfig, sbmae.score_ratio).
-      parametrisation="ridge",  # "ridge", "lowrank", "linear_mlp" or "mlp".
-      bottleneck=64,
-      width=32,
-      depth=2,
-      divergence="hutchinson",  # or "exact".
-      num_probes=1,
-      threshold_grid=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
-      penalty=0.5,
-      weight_decay=1e-4,
-      learning_rate=3e-3,
-      batch_size=256,
-      eval_every=100,
-      patience=5,
-      held_out_fraction=0.2,  # held-out latents: early stopping and the estimate of H.
-      whiten_jitter=1e-9,
+      **dataclasses.asdict(reduction.ReductionConfig()),
   ))
 
   config.sde = ml_collections.ConfigDict(dict(
@@ -113,13 +106,15 @@ def get_config():
   ))
 
   config.prior = ml_collections.ConfigDict(dict(
-      model="mlp",  # "mlp" or "unet".
-      hidden=1024,
-      num_layers=4,
+      # "mlp" (sbmae.models.score.ScoreMLP) or "unet" (LatentUNet); the keys
+      # below that name a field of the chosen module build it.
+      model="mlp",
+      hidden=1024,  # mlp: width of the residual stream.
+      num_layers=4,  # mlp: residual blocks.
       time_embed_dim=128,
-      unet_width=64,
-      unet_mults=(1, 2, 2, 2),
-      unet_num_res_blocks=2,
+      width=64,  # unet: channels at the top level.
+      mults=(1, 2, 2, 2),  # unet: channel multiplier per level.
+      num_res_blocks=2,  # unet: residual blocks per level.
       num_steps=50000,
       batch_size=256,
       learning_rate=2e-4,

@@ -21,4 +21,4 @@ for shared in data classifier autoencoders; do
 done
 python -m sbmae.main --config="$config" --workdir="$w/reduced" \
   --config.reduction.enabled=True "$@"
-python -m sbmae.compare --run="full:$w/full" --run="reduced:$w/reduced" --out="$w/compare"
+python -m sbmae.tools.compare --run="full:$w/full" --run="reduced:$w/reduced" --out="$w/compare"

@@ -6,6 +6,7 @@ where it stopped. `--config.stage=NAME` runs one stage.
 """
 
 import logging as std_logging
+import os
 
 from absl import app
 from absl import flags
@@ -13,7 +14,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from sbmae import train
+from sbmae import pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -29,14 +30,31 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
+def maybe_initialize_distributed():
+  """Calls `jax.distributed.initialize()` when the environment asks for it.
+
+  Multi-process runs are recognised by an explicit coordinator
+  (SBMAE_COORDINATOR=host:port with SBMAE_NUM_PROCESSES and SBMAE_PROCESS_ID),
+  a SLURM job step with more than one task, or a TPU pod slice (TPU_WORKER_HOSTNAMES
+  listing several hosts); jax picks the details up from the environment.
+  """
+  env = os.environ
+  if "SBMAE_COORDINATOR" in env:
+    jax.distributed.initialize(coordinator_address=env["SBMAE_COORDINATOR"],
+                               num_processes=int(env["SBMAE_NUM_PROCESSES"]),
+                               process_id=int(env["SBMAE_PROCESS_ID"]))
+  elif int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  train.maybe_initialize_distributed()
+  maybe_initialize_distributed()
   logging.info("JAX processes %d/%d, devices %s", jax.process_index(),
                jax.process_count(), jax.devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

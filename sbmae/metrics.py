@@ -8,18 +8,18 @@ import numpy as np
 
 
 class Writer:
-  """Writes scalars and images to `<workdir>/tb` and JSON summaries to files.
+  """Writes scalars to TensorBoard event files and JSON summaries to files.
 
   On every process but 0 all methods do nothing, so callers need no checks.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, tb_dir):
+    """Events go to `tb_dir` (a run's `RunDir.tensorboard`)."""
     self._active = jax.process_index() == 0
-    self._workdir = pathlib.Path(workdir)
     self._tb = None
     if self._active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(self._workdir / "tb"))
+      self._tb = SummaryWriter(str(tb_dir))
 
   def scalars(self, step, values, prefix=""):
     """Logs a dict of scalars at `step` under `prefix/`."""
@@ -29,17 +29,11 @@ class Writer:
       self._tb.add_scalar(f"{prefix}/{k}" if prefix else k, float(v), step)
     self._tb.flush()
 
-  def image(self, step, name, image):
-    """Logs one uint8 HWC image."""
-    if self._active:
-      self._tb.add_image(name, np.asarray(image), step, dataformats="HWC")
-      self._tb.flush()
-
-  def json(self, name, payload):
-    """Writes `payload` to `<workdir>/<name>` as indented JSON (atomically)."""
+  def json(self, path, payload):
+    """Writes `payload` to `path` as indented JSON (atomically)."""
     if not self._active:
       return
-    path = self._workdir / name
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_to_builtin))

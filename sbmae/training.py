@@ -81,10 +81,10 @@ def make_optimizer(learning_rate, num_steps, *, warmup_steps=0, grad_clip=0.0,
   return optax.chain(*parts)
 
 
-def checkpoint_manager(workdir, stage, max_to_keep=2):
-  """The Orbax CheckpointManager of `stage`: `<workdir>/<stage>/checkpoints`."""
+def checkpoint_manager(directory, max_to_keep=2):
+  """An Orbax CheckpointManager over `directory` (a stage's `RunDir.checkpoints`)."""
   return ocp.CheckpointManager(
-      pathlib.Path(workdir).absolute() / stage / "checkpoints",
+      pathlib.Path(directory).absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
@@ -153,12 +153,17 @@ def per_process_batch(global_batch, mesh=None):
   return global_batch // jax.process_count()
 
 
-def restore_stage(workdir, stage, target):
-  """The latest state of a trained stage; FileNotFoundError naming it if none."""
-  state = restore_latest(checkpoint_manager(workdir, stage), target)
+def restore_stage(directory, stage, target):
+  """The latest state of a trained stage; FileNotFoundError naming it if none.
+
+  Args:
+    directory: the stage's checkpoint folder (`RunDir.checkpoints(stage)`).
+    stage: the stage's name, for the message.
+    target: a freshly initialised state giving the structure.
+  """
+  state = restore_latest(checkpoint_manager(directory), target)
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/{stage}/checkpoints; run the "
-                            f"`{stage}` stage first")
+    raise FileNotFoundError(f"no checkpoint in {directory}; run the `{stage}` stage first")
   return state
 
 

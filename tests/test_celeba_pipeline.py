@@ -17,12 +17,15 @@ from sklearn import metrics as sk_metrics
 
 import celeba_fixture
 from configs import celeba as celeba_config
-from sbmae import evaluate_celeba
-from sbmae import inception
-from sbmae import modalities
-from sbmae import multimodal
-from sbmae import train
+from sbmae import pipeline
+from sbmae import rundir
+from sbmae import system
 from sbmae.data import celeba
+from sbmae.data import modalities
+from sbmae.eval import celeba as eval_celeba
+from sbmae.eval import driver
+from sbmae.eval import inception
+from sbmae.eval import sheets
 from sbmae.data import pipeline
 from sbmae.models import autoencoder
 from sbmae.models import score
@@ -72,7 +75,7 @@ def autoencoders_dir(raw_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("celeba_ae")
   config = tiny_config(raw_root)
   config.stage = "autoencoders"
-  train.train_and_evaluate(config, workdir)
+  pipeline.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -85,7 +88,7 @@ def _fake_inception(path):
 
 def _run_rest_and_check(config, autoencoders_dir, workdir):
   shutil.copytree(autoencoders_dir, workdir)
-  train.train_and_evaluate(config, workdir)
+  pipeline.train_and_evaluate(config, workdir)
   result = json.loads((workdir / "eval" / "metrics.json").read_text())
   assert result["num_examples"] == TEST_SPLIT
   for label, names in EXPECTED.items():
@@ -93,7 +96,7 @@ def _run_rest_and_check(config, autoencoders_dir, workdir):
       names += ("fid",)
     assert sorted(result["per_subset"][label]) == sorted(names), label
     for name in names:
-      value = result["metrics"][evaluate_celeba.metric_key(name, label)]
+      value = result["metrics"][eval_celeba.metric_key(name, label)]
       assert value == result["per_subset"][label][name]
       assert np.isfinite(value) and (value >= 0.0)
       if name.endswith("_f1"):
@@ -113,7 +116,7 @@ def test_pipeline_without_reduction(raw_root, autoencoders_dir, tmp_path, monkey
   assert result["metrics"]["fid/image/given_mask"] != result["metrics"][
       "fd_pixels/image/given_mask"]
   # The saved run generates any modality from any other.
-  mm = multimodal.load(tmp_path / "run")
+  mm = system.load(tmp_path / "run")
   out = mm.generate(jax.random.PRNGKey(0), {"mask": jnp.ones((2, 32, 32, 1))},
                     observed=["mask"])
   assert out["image"].shape == (2, 32, 32, 3) and out["attrs"].shape == (2, 18)
@@ -128,22 +131,21 @@ def test_pipeline_with_reduction(raw_root, autoencoders_dir, tmp_path):
   assert len(ranks) == 3 and all(1 <= r <= 8 for r in ranks)
 
 
-def test_loader_gives_binary_modalities_as_0_255_and_no_index(raw_root, tmp_path):
+def test_loader_gives_binary_modalities_as_bool_and_no_index(raw_root, tmp_path):
   config = tiny_config(raw_root)
   config.data.num_test = 5
-  data, mods = train.load_data(config, tmp_path)
+  data, mods = pipeline.load_data(config, rundir.RunDir(tmp_path))
   assert [m.name for m in mods] == list(celeba.MODALITIES)
   for split, n in (("train", NUM_FACES - TEST_SPLIT), ("test", 5)):
     arrays = data[split]
     assert set(arrays) == set(celeba.MODALITIES)
     for m in mods:
-      assert arrays[m.name].dtype == np.uint8 and arrays[m.name].shape == (n,) + m.shape
-    for name in ("mask", "attrs"):
-      assert set(np.unique(arrays[name])) <= {0, 255}
+      dtype = np.uint8 if m.name == "image" else bool
+      assert arrays[m.name].dtype == dtype and arrays[m.name].shape == (n,) + m.shape
   expected = celeba.read_split(raw_root, 32, num_test=TEST_SPLIT, num_workers=1,
                                progress=False)
-  np.testing.assert_array_equal(data["test"]["attrs"], 255 * expected["test"]["attrs"][:5])
-  np.testing.assert_array_equal(data["train"]["mask"], 255 * expected["train"]["mask"])
+  np.testing.assert_array_equal(data["test"]["attrs"], expected["test"]["attrs"][:5] == 1)
+  np.testing.assert_array_equal(data["train"]["mask"], expected["train"]["mask"] == 1)
   batch = next(pipeline.batches(data["train"], 4, seed=0))
   assert set(np.unique(batch["mask"])) <= {0.0, 1.0} and set(np.unique(batch["attrs"])) <= {
       0.0, 1.0}
@@ -152,8 +154,9 @@ def test_loader_gives_binary_modalities_as_0_255_and_no_index(raw_root, tmp_path
 
 def test_loader_without_path_or_cache_says_how_to_get_the_data(tmp_path):
   config = celeba_config.get_config("quick")
-  with pytest.raises(ValueError, match="config.data.path is empty.*CelebAMask-HQ"):
-    train.load_data(config, tmp_path)
+  with pytest.raises(celeba.CelebANotFoundError,
+                     match="config.data.path is empty.*CelebAMask-HQ"):
+    pipeline.load_data(config, rundir.RunDir(tmp_path))
 
 
 @pytest.mark.parametrize("arg, size", [("", 128), ("quick", 64), ("reduce", 128),
@@ -190,8 +193,8 @@ def test_binary_f1_hand_computed():
   true = np.array([[1, 0, 1, 0], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], bool)
   # TP/FP/FN: (1,1,1) -> 2/4; (3,0,0) -> 1; (0,1,1) -> 0; 0/0 -> zero_division;
   # (0,1,0) -> 0.
-  np.testing.assert_allclose(evaluate_celeba.binary_f1(pred, true), [0.5, 1, 0, 0, 0])
-  np.testing.assert_allclose(evaluate_celeba.binary_f1(pred, true, zero_division=1.0),
+  np.testing.assert_allclose(eval_celeba.binary_f1(pred, true), [0.5, 1, 0, 0, 0])
+  np.testing.assert_allclose(eval_celeba.binary_f1(pred, true, zero_division=1.0),
                              [0.5, 1, 0, 1, 0])
 
 
@@ -200,14 +203,14 @@ def test_sample_f1_thresholds_strictly_and_averages_over_examples():
   prob = np.array([[0.5, 0.51, 0.2], [0.9, 0.1, 0.7]])
   true = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
   # Row 1: predicts {0, 2} for truth {0}: 2 / (2 + 1) = 2/3; mean 2/3.
-  assert evaluate_celeba.sample_f1(prob, true) == pytest.approx(2 / 3)
+  assert eval_celeba.sample_f1(prob, true) == pytest.approx(2 / 3)
   # Masks: F1 over each example's pixels, then the mean.
   mask_true = np.zeros((2, 4, 4, 1))
   mask_true[0, :2] = 1.0  # 8 pixels on.
   mask_prob = np.zeros((2, 4, 4, 1))
   mask_prob[0, :1] = 0.9  # 4 of them found, none wrong: 2*4 / (4 + 8) = 2/3.
   mask_true[1, 0, 0] = mask_prob[1, 3, 3] = 1.0  # disjoint: 0.
-  assert evaluate_celeba.sample_f1(mask_prob, mask_true) == pytest.approx(1 / 3)
+  assert eval_celeba.sample_f1(mask_prob, mask_true) == pytest.approx(1 / 3)
 
 
 def test_sample_f1_matches_sklearn_samples_average():
@@ -217,25 +220,25 @@ def test_sample_f1_matches_sklearn_samples_average():
   true[:3] = 0.0
   prob[:2] = 0.0  # two 0/0 examples.
   expected = sk_metrics.f1_score(true, prob > 0.5, average="samples", zero_division=0.0)
-  assert evaluate_celeba.sample_f1(prob, true) == pytest.approx(expected)
+  assert eval_celeba.sample_f1(prob, true) == pytest.approx(expected)
 
 
 def test_pixel_features_are_block_means():
   x = np.zeros((1, 32, 32, 3))
   x[0, :2, :2, 0] = 1.0  # the first 2x2 block of channel 0.
   x[0, 30:, 30:, 2] = 0.5
-  f = evaluate_celeba.pixel_features(x).reshape(16, 16, 3)
+  f = eval_celeba.pixel_features(x).reshape(16, 16, 3)
   assert f[0, 0, 0] == 1.0 and f[15, 15, 2] == 0.5
   assert f.sum() == pytest.approx(1.0 + 0.5)
   with pytest.raises(ValueError, match="divisible by 16"):
-    evaluate_celeba.pixel_features(np.zeros((1, 24, 24, 3)))
+    eval_celeba.pixel_features(np.zeros((1, 24, 24, 3)))
 
 
 
-def test_proper_subsets():
-  assert evaluate_celeba.proper_subsets(("image", "mask", "attrs")) == [
-      ("image",), ("mask",), ("attrs",), ("image", "mask"), ("image", "attrs"),
-      ("mask", "attrs")]
+def test_every_proper_subset_is_evaluated():
+  rng = np.random.default_rng(0)
+  assert [s for k in (1, 2) for s in driver.subsets_of_size(3, k, -1, rng)] == [
+      (0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
 
 
 def test_sheet_marks_wrong_attributes_red(tmp_path):
@@ -246,7 +249,7 @@ def test_sheet_marks_wrong_attributes_red(tmp_path):
   wrong = dict(truth, attrs=np.roll(truth["attrs"], 1, axis=1))
 
   def red_pixels(output):
-    path = evaluate_celeba.save_sheet(tmp_path / "sheet.png", output, truth)
+    path = sheets.save_sheet(tmp_path / "sheet.png", output, truth)
     rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
     return np.sum((rgb[..., 0] > 150) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80))
 

@@ -1,11 +1,10 @@
-"""sbmae.compare: the full-vs-reduced table and plot from run folders."""
+"""sbmae.tools.compare: the full-vs-reduced table and plot from run folders."""
 
 import json
 
 import pytest
 
-from sbmae import compare
-from sbmae import plots
+from sbmae.tools import compare
 
 
 def _write_run(root, coherence, reduction=None):
@@ -37,7 +36,7 @@ def test_table_rows_hold_each_runs_numbers(tmp_path):
   assert reduced[:8] == ["reduced", "7 (3/4)", "0.432", "0.750", "0.750", "0.875", "0.812",
                          "0.250"]
   assert reduced[8:] == ["12.5", "3.0"]
-  plots.plot_coherence({k: m for k, (m, _) in runs.items()}, tmp_path / "c.png")
+  compare.plot_coherence({k: m for k, (m, _) in runs.items()}, tmp_path / "c.png")
   assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 

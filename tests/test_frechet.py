@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from sbmae import frechet
+from sbmae.eval import frechet
 
 
 def _random_spd(rng, dim, rank=None):

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sbmae import frechet
-from sbmae import inception
+from sbmae.eval import frechet
+from sbmae.eval import inception
 
 HIGHEST = lax.Precision.HIGHEST
 

@@ -165,10 +165,10 @@ def test_missing_mnist_lists_where_it_looked(tmp_path, monkeypatch):
   with pytest.raises(mnist.MnistNotFoundError, match="missing train-images-idx3-ubyte"):
     mnist.load_mnist(str(tmp_path))
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(mnist, "_REPO", tmp_path)
   monkeypatch.setattr(mnist, "_from_tfds", lambda: (_ for _ in ()).throw(OSError("offline")))
-  with pytest.raises(mnist.MnistNotFoundError, match=r"No MNIST found\. Looked in: \$SBMAE_MNIST"):
-    mnist.load_mnist()
+  with pytest.raises(mnist.MnistNotFoundError,
+                     match=r"No MNIST found\. Looked in: \$SBMAE_MNIST.*elsewhere\.npz"):
+    mnist.load_mnist(search=("elsewhere.npz",))
 
 
 def test_idx_files_gz_and_plain_read_like_npz(tmp_path):

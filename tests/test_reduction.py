@@ -1,4 +1,4 @@
-"""Tests of sbmae.reduction against closed forms.
+"""Tests of sbmae.reduction.reduction (and score_ratio) against closed forms.
 
 Gaussian latents have a linear score ratio, so the diagnostic matrix is known:
 for whitened x ~ N(0, Sigma), s(x) = (I - Sigma^{-1}) x and
@@ -15,9 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sbmae import plots
-from sbmae import reduction
-from sbmae import score_ratio
+from sbmae import latents as latents_lib
+from sbmae import testing
+from sbmae.reduction import plots
+from sbmae.reduction import reduction
+from sbmae.reduction import score_ratio
 
 D = 6  # size of each test block
 RHOS = (0.8, 0.6)  # canonical correlations between blocks "a" and "b"
@@ -49,7 +51,7 @@ def _coupled_gaussian(seed):
   v = np.linalg.qr(rs.randn(D, len(RHOS)))[0]
   c = (u * RHOS) @ v.T
   sigma = np.block([[np.eye(D), c], [c.T, np.eye(D)]])
-  h = sigma - 2 * np.eye(2 * D) + np.linalg.inv(sigma)
+  h = testing.gaussian_h(sigma)
   x = rs.multivariate_normal(np.zeros(2 * D), sigma, size=N)
   (ma, mua), (mb, mub) = _mixing(rs, D), _mixing(rs, D)
   latents = {"a": mua + x[:, :D] @ ma.T, "b": mub + x[:, D:] @ mb.T,
@@ -57,16 +59,23 @@ def _coupled_gaussian(seed):
   return latents, (ma, mb), (h[:D, :D], h[D:, D:])
 
 
+def _whitened(latents):
+  """(Whitening, whitened latents as numpy) of raw latents."""
+  white = latents_lib.Whitening.fit(latents)
+  return white, {n: np.asarray(v) for n, v in white.whiten(latents).items()}
+
+
 @pytest.fixture(scope="module")
 def gaussian_fit():
   latents, mixing, h_true = _coupled_gaussian(0)
-  red = reduction.fit(latents, epsilon=0.1, rng=jax.random.key(0),
+  white, x = _whitened(latents)
+  red = reduction.fit(x, epsilon=0.1, rng=jax.random.key(0),
                       config=reduction.ReductionConfig(min_rank=0))
-  return latents, mixing, h_true, red
+  return white, mixing, h_true, red
 
 
 def test_coupled_blocks_match_analytic_h(gaussian_fit):
-  _, mixing, h_true, red = gaussian_fit
+  white, mixing, h_true, red = gaussian_fit
   for name, m, h in zip("ab", mixing, h_true):
     lam_true, vec_true = np.linalg.eigh(h)
     lam_true, vec_true = lam_true[::-1], vec_true[:, ::-1]
@@ -75,7 +84,7 @@ def test_coupled_blocks_match_analytic_h(gaussian_fit):
     np.testing.assert_allclose(lam[:r], lam_true[:r], rtol=0.15)
     assert np.all(lam[r:] < 0.03)
     # x_white = Q x with Q = L^T M (orthogonal up to sampling error).
-    q = np.asarray(red.whiteners[name], np.float64) @ m
+    q = np.asarray(white.whitener[name], np.float64) @ m
     assert _angle(q @ vec_true[:, :r], red.eigenvectors[name][:, :r]) < 0.15
     assert red.ranks[name] == r
 
@@ -87,26 +96,10 @@ def test_independent_block_gets_rank_zero(gaussian_fit):
   assert red.kl_bound < red.epsilon
 
 
-def test_fit_whitens_each_block(gaussian_fit):
-  latents, _, _, red = gaussian_fit
-  for name, x in red.whiten(latents).items():
-    x = np.asarray(x, np.float64)
-    np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)
-    np.testing.assert_allclose(np.cov(x, rowvar=False, bias=True), np.eye(D),
-                               atol=1e-3)
-    np.testing.assert_allclose(red.unwhiten({name: x})[name], latents[name],
-                               rtol=1e-4, atol=1e-3)
-
-
-def _bimodal_eigenvalue(a):
-  """E[(d/dy log p(y) + y)^2] for p = (N(-a, 1 - a^2) + N(a, 1 - a^2)) / 2."""
-  var = 1 - a * a
-  y = np.linspace(-9, 9, 200001)
-  g_plus = np.exp(-(y - a)**2 / (2 * var))
-  g_minus = np.exp(-(y + a)**2 / (2 * var))
-  p = 0.5 * (g_plus + g_minus) / np.sqrt(2 * np.pi * var)
-  dlogp = -((y - a) * g_plus + (y + a) * g_minus) / (var * (g_plus + g_minus))
-  return float(np.sum(p * (dlogp + y)**2) * (y[1] - y[0]))
+def test_fit_refuses_latents_that_are_not_whitened():
+  latents, _, _ = _coupled_gaussian(0)
+  with pytest.raises(ValueError, match="modality 'a' are not whitened"):
+    reduction.fit(latents, epsilon=0.1, rng=jax.random.key(0))
 
 
 def test_bimodal_subspace_and_rank():
@@ -117,28 +110,23 @@ def test_bimodal_subspace_and_rank():
   y[:, :2] = (rs.choice([-a, a], size=(N, 2))
               + np.sqrt(1 - a * a) * rs.randn(N, 2))
   m, mu = _mixing(rs, D)
-  latents = {"b": mu + (y @ rot.T) @ m.T, "g": rs.randn(N, 4)}
-  red = reduction.fit(latents, epsilon=0.3, rng=jax.random.key(1),
+  white, x = _whitened({"b": mu + (y @ rot.T) @ m.T, "g": rs.randn(N, 4)})
+  red = reduction.fit(x, epsilon=0.3, rng=jax.random.key(1),
                       config=reduction.ReductionConfig(min_rank=0))
   assert red.ranks == {"b": 2, "g": 0}
-  q = np.asarray(red.whiteners["b"], np.float64) @ m
+  q = np.asarray(white.whitener["b"], np.float64) @ m
   assert _angle(q @ rot[:, :2], red.bases["b"]) < 0.15
   # Eigenvalue of each bimodal direction: about 2.94 for a = 0.9.
-  np.testing.assert_allclose(red.eigenvalues["b"][:2], _bimodal_eigenvalue(a),
+  np.testing.assert_allclose(red.eigenvalues["b"][:2], testing.bimodal_eigenvalue(a),
                              rtol=0.25)
 
 
 def _manual_reduction(seed=0, dims=(5, 3), ranks=(2, 0)):
-  """A Reduction with random whitening and bases, no fitting involved."""
+  """A Reduction with random bases, no fitting involved."""
   rs = np.random.RandomState(seed)
   names = tuple(f"m{i}" for i in range(len(dims)))
-  fields = {k: {} for k in ("means", "whiteners", "unwhiteners", "eigenvalues",
-                            "eigenvectors")}
+  fields = {k: {} for k in ("eigenvalues", "eigenvectors")}
   for name, d in zip(names, dims):
-    w = np.linalg.cholesky(np.cov(rs.randn(d, 3 * d)) + np.eye(d)).T
-    fields["means"][name] = jnp.asarray(rs.randn(d), jnp.float32)
-    fields["whiteners"][name] = jnp.asarray(w, jnp.float32)
-    fields["unwhiteners"][name] = jnp.asarray(np.linalg.inv(w), jnp.float32)
     fields["eigenvalues"][name] = jnp.asarray(np.sort(rs.rand(d))[::-1],
                                               jnp.float32)
     fields["eigenvectors"][name] = jnp.asarray(
@@ -156,13 +144,9 @@ def test_project_lift_round_trip_is_orthogonal_projection():
   assert {n: v.shape[-1] for n, v in y.items()} == red.ranks
   back = jax.jit(lambda r, y: r.lift(y))(red, y)
   for n in red.names:
-    w, winv = np.asarray(red.whiteners[n]), np.asarray(red.unwhiteners[n])
-    np.testing.assert_allclose(w @ winv, np.eye(len(w)), atol=1e-5)
-    x = (np.asarray(z[n]) - np.asarray(red.means[n])) @ w.T
-    u = np.asarray(red.bases[n])
+    x, u = np.asarray(z[n]), np.asarray(red.bases[n])
     np.testing.assert_allclose(y[n], x @ u, atol=1e-5)
-    expected = np.asarray(red.means[n]) + (x @ u @ u.T) @ winv.T
-    np.testing.assert_allclose(back[n], expected, atol=1e-4)
+    np.testing.assert_allclose(back[n], x @ u @ u.T, atol=1e-4)
 
 
 def test_lift_samples_reference_on_the_complement():
@@ -171,8 +155,7 @@ def test_lift_samples_reference_on_the_complement():
   num = 20000
   y = {n: jnp.asarray(np.tile(rs.randn(1, r), (num, 1)), jnp.float32)
        for n, r in red.ranks.items()}
-  z = jax.jit(lambda r, y, k: r.lift(y, rng=k))(red, y, jax.random.key(4))
-  x = red.whiten(z)
+  x = jax.jit(lambda r, y, k: r.lift(y, rng=k))(red, y, jax.random.key(4))
   for n in red.names:
     np.testing.assert_allclose(x[n] @ red.bases[n], y[n], atol=1e-4)
     xi = np.asarray(x[n] @ red.complements[n], np.float64)
@@ -214,19 +197,6 @@ def test_config_from_project_section():
   assert config.parametrisation == reduction.ReductionConfig().parametrisation
   with pytest.raises(ValueError, match="min_rnak"):
     reduction.make_config(dict(min_rnak=2))
-
-
-def test_whitening_gives_identity_covariance():
-  rs = np.random.RandomState(5)
-  m = rs.randn(4, 4) + np.eye(4)
-  z = 3.0 + rs.randn(5000, 4) @ m.T
-  mu, w, winv = reduction.whitening(z)
-  x = (z - mu) @ w.T.astype(np.float64)
-  np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
-  np.testing.assert_allclose(np.cov(x, rowvar=False, bias=True), np.eye(4),
-                             atol=1e-4)
-  np.testing.assert_allclose(np.tril(w.T), w.T)  # L = w.T is triangular
-  np.testing.assert_allclose(w @ winv, np.eye(4), atol=1e-5)
 
 
 def _random_params(model, dim):

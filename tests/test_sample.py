@@ -16,9 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from sbmae import losses
-from sbmae import sample as sample_lib
-from sbmae import sde as sde_lib
+from sbmae.diffusion import losses
+from sbmae import latents
+from sbmae.diffusion import sample as sample_lib
+from sbmae.diffusion import sde as sde_lib
 from sbmae.models import score as score_lib
 
 SDE = sde_lib.VPSDE(beta_min=0.1, beta_max=20.0)
@@ -247,17 +248,9 @@ def test_one_compilation_serves_every_subset_and_per_example_masks():
   # Per-example masks [B, M]: each row keeps its own observed coordinates.
   per_example = np.stack([masks[i % 8] for i in range(6)])
   out = np.asarray(sampler(jax.random.PRNGKey(1), None, observed, per_example))
-  coords = np.asarray(sample_lib.modality_mask_to_coords(per_example, dims))
+  coords = np.asarray(latents.modality_mask_to_coords(per_example, dims))
   np.testing.assert_array_equal(out[coords], observed[coords])
   assert np.all(out[~coords] != observed[~coords])
-
-
-def test_modality_mask_to_coords():
-  coords = sample_lib.modality_mask_to_coords(
-      np.array([[True, False, True], [False, True, False]]), (3, 5, 2))
-  expected = np.array([[1] * 3 + [0] * 5 + [1] * 2, [0] * 3 + [1] * 5 + [0] * 2],
-                      bool)
-  np.testing.assert_array_equal(coords, expected)
 
 
 def _init(model, d, seed=0):
@@ -396,7 +389,7 @@ def test_conv3x3_matches_lax_convolution(size, stride):
 
 def test_get_model_from_config():
   prior = dict(model="unet", hidden=32, num_layers=1, time_embed_dim=16,
-               unet_width=8, unet_mults=(1, 2), unet_num_res_blocks=1)
+               width=8, mults=(1, 2), num_res_blocks=1)
   model = score_lib.get_model(prior, (16, 16))
   assert isinstance(model, score_lib.LatentUNet) and model.width == 8
   assert model.num_res_blocks == 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sbmae import sde as sde_lib
+from sbmae.diffusion import sde as sde_lib
 
 SDES = [sde_lib.VPSDE(beta_min=0.1, beta_max=20.0),
         sde_lib.VESDE(sigma_min=0.01, sigma_max=5.0)]

@@ -9,11 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sbmae import autoencoders
-from sbmae import modalities
-from sbmae import sample
-from sbmae import score_ratio
-from sbmae import sde as sde_lib
+from sbmae.stages import autoencoders
+from sbmae.data import modalities
+from sbmae.diffusion import sample
+from sbmae.reduction import score_ratio
+from sbmae.diffusion import sde as sde_lib
 from sbmae import training
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from configs import polymnist as polymnist_config
-from sbmae import autoencoders
-from sbmae import multimodal
-from sbmae import train
+from sbmae import pipeline
+from sbmae import rundir
+from sbmae import system
 from sbmae import training
+from sbmae.stages import autoencoders
 
 
 # Tiny sizes for the quick config, as dotted config keys (also passed as
@@ -41,12 +42,15 @@ def tiny_config(**stage_steps):
 
 
 def test_two_step_pipeline_writes_every_output(tmp_path):
-  train.train_and_evaluate(tiny_config(), tmp_path)
+  pipeline.train_and_evaluate(tiny_config(), tmp_path)
   for name in ("data_examples.png", "config.json", "classifier/test_accuracy.json",
                "autoencoders/latents.npz", "autoencoders/reconstructions.png",
-               "eval/metrics.json", "eval/unconditional.png",
-               "eval/conditional_given_m0.png", "stage_times.json"):
+               "eval/metrics.json", "eval/unconditional.png", "eval/reconstruction.png",
+               "stage_times.json"):
     assert (tmp_path / name).exists(), name
+  # One grid for the first evaluated subset of sizes 1, M/2 = 2 and M - 1 = 4.
+  grids = sorted(p.name for p in (tmp_path / "eval").glob("conditional_given_*.png"))
+  assert [g.count("+") for g in grids] == [0, 1, 3], grids
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
   result = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
   for k in range(1, 5):
@@ -55,7 +59,7 @@ def test_two_step_pipeline_writes_every_output(tmp_path):
   assert all(0.0 <= result[f"coherence/reconstruction_m{k}"] <= 1.0 for k in range(5))
   assert np.isfinite(result["fd_clf/m0"])
   # The saved run can be loaded and used by other code.
-  mm = multimodal.load(tmp_path)
+  mm = system.load(tmp_path)
   batch = {"m1": np.full((3, 28, 28, 3), 0.5, np.float32)}
   out = mm.generate(jax.random.PRNGKey(0), batch, observed=["m1"])
   assert set(out) == set(mm.names) and out["m0"].shape == (3, 28, 28, 3)
@@ -70,7 +74,7 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch):
   config = tiny_config(autoencoder=4)
   config.stage = "autoencoders"
   config.checkpoint_every = 2
-  train.train_and_evaluate(config, tmp_path / "straight")
+  pipeline.train_and_evaluate(config, tmp_path / "straight")
 
   real_run = training.run
 
@@ -87,15 +91,15 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch):
 
   monkeypatch.setattr(training, "run", run_then_die)
   with pytest.raises(_Interrupt):
-    train.train_and_evaluate(config, tmp_path / "killed")
+    pipeline.train_and_evaluate(config, tmp_path / "killed")
   monkeypatch.setattr(training, "run", real_run)
   checkpoints = tmp_path / "killed" / "autoencoders" / "checkpoints"
   assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2"]
-  train.train_and_evaluate(config, tmp_path / "killed")  # the same command again
+  pipeline.train_and_evaluate(config, tmp_path / "killed")  # the same command again
 
-  mods = train.load_data(config, tmp_path / "straight")[1]
-  _, straight = autoencoders.restore(config, tmp_path / "straight", mods)
-  _, resumed = autoencoders.restore(config, tmp_path / "killed", mods)
+  mods = pipeline.load_data(config, rundir.RunDir(tmp_path / "straight"))[1]
+  _, straight, _ = autoencoders.restore(config, rundir.RunDir(tmp_path / "straight"), mods)
+  _, resumed, _ = autoencoders.restore(config, rundir.RunDir(tmp_path / "killed"), mods)
   jax.tree.map(np.testing.assert_array_equal, straight, resumed)
 
 
@@ -105,14 +109,14 @@ def test_non_finite_loss_names_the_step(tmp_path):
   config.autoencoder.update(learning_rate=1e30, grad_clip=0.0, warmup_steps=0)
   with pytest.raises(training.NonFiniteLossError,
                      match=r"\[autoencoders\] non-finite .* at step \d"):
-    train.train_and_evaluate(config, tmp_path)
+    pipeline.train_and_evaluate(config, tmp_path)
 
 
 def test_bad_config_values_are_named():
   config = tiny_config()
   config.stage = "priors"
   with pytest.raises(ValueError, match="config.stage='priors'"):
-    train.train_and_evaluate(config, "/tmp/unused")
+    pipeline.train_and_evaluate(config, "/tmp/unused")
   with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['fast'\]"):
     polymnist_config.get_config("quick,fast")
 
@@ -149,7 +153,7 @@ def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
 
   # Re-choosing ranks without refitting: more dims as epsilon shrinks, full last.
   result = subprocess.run(
-      [sys.executable, "-m", "sbmae.rank_sweep", "--config=configs/polymnist.py:quick,reduce",
+      [sys.executable, "-m", "sbmae.tools.rank_sweep", "--config=configs/polymnist.py:quick,reduce",
        f"--workdir={tmp_path / 'reduced'}", "--epsilons=10,0.1,0.0001", *tiny],
       capture_output=True, text=True, timeout=300, check=False, cwd=repo)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -2,7 +2,8 @@
 
 Sources, in the order `load_mnist` tries them when no path is given:
   1. `$SBMAE_MNIST` (a file or a folder),
-  2. `../shared/data/mnist.npz` relative to the working directory or the repository,
+  2. the `search` paths the caller gives (the config's `data.mnist_search`),
+     relative ones taken from the working directory,
   3. tfds `mnist` (only where a network or a prepared tfds data dir exists).
 A path may be a Keras-style `mnist.npz` (x_train, y_train, x_test, y_test) or a folder
 holding the four idx-ubyte files, gzipped or not. Nothing falls back to other data:
@@ -18,8 +19,6 @@ import numpy as np
 from PIL import Image
 
 ENV_VAR = "SBMAE_MNIST"
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-_DEFAULT_NPZ = ("../shared/data/mnist.npz",)
 _IDX_NAMES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -100,12 +99,14 @@ def _from_tfds():
   return _validated(arrays, "tfds:mnist")
 
 
-def load_mnist(path=""):
+def load_mnist(path="", search=()):
   """Loads real MNIST.
 
   Args:
-    path: an mnist.npz file or a folder of idx-ubyte files; empty searches the
-      default places (see module docstring).
+    path: an mnist.npz file or a folder of idx-ubyte files; empty searches
+      $SBMAE_MNIST, then `search`, then tfds (see module docstring).
+    search: candidate paths tried in order when `path` and $SBMAE_MNIST are
+      empty.
 
   Returns:
     Dict with x_train uint8[60000, 28, 28], y_train int32[60000], x_test,
@@ -121,13 +122,12 @@ def load_mnist(path=""):
   if env:
     return _read_path(env)
   tried.append(f"${ENV_VAR} (unset)")
-  for rel in _DEFAULT_NPZ:
-    for base in (pathlib.Path.cwd(), _REPO):
-      candidate = (base / rel).resolve()
-      if candidate.exists():
-        logging.info("Reading MNIST from %s", candidate)
-        return _read_path(candidate)
-      tried.append(str(candidate))
+  for candidate in search:
+    candidate = pathlib.Path(candidate).expanduser().resolve()
+    if candidate.exists():
+      logging.info("Reading MNIST from %s", candidate)
+      return _read_path(candidate)
+    tried.append(str(candidate))
   try:
     return _from_tfds()
   except Exception as e:  # pylint: disable=broad-except

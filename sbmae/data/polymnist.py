@@ -284,7 +284,7 @@ def load(data_config, cache_dir, seed):
     splits = read_released(data_config.released_path, m)
   else:
     if data_config.digits == "mnist":
-      digits = mnist_lib.load_mnist(data_config.mnist_path)
+      digits = mnist_lib.load_mnist(data_config.mnist_path, data_config.mnist_search)
     elif data_config.digits == "sklearn_digits":
       digits = mnist_lib.load_sklearn_digits(seed=seed)
     else:

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbmae import sde as sde_lib
+from sbmae import models
+from sbmae.diffusion import sde as sde_lib
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -175,7 +176,7 @@ class LatentUNet(nn.Module):
       raise ValueError(
           f"LatentUNet with {len(self.mults)} levels halves the {side}x{side} "
           f"latent image {len(self.mults) - 1} times; {side} is not divisible "
-          f"by {factor}. Use fewer unet_mults.")
+          f"by {factor}. Use fewer mults.")
     return side
 
   @nn.compact
@@ -223,23 +224,17 @@ def get_model(config, dims: Sequence[int]) -> nn.Module:
   """Builds the score network named by `config.model` (the `prior` section).
 
   Args:
-    config: the prior config (model, hidden, num_layers, time_embed_dim,
-      unet_width, unet_mults).
-    dims: per-modality latent sizes.
+    config: the prior config; its keys that are fields of the chosen module
+      (`sbmae.models.from_config`) set them.
+    dims: per-modality latent sizes (the U-Net stacks them as channels).
 
   Returns:
     A ScoreMLP or LatentUNet.
   """
-  if config["model"] == "mlp":
-    return ScoreMLP(hidden=config["hidden"], num_layers=config["num_layers"],
-                    time_embed_dim=config["time_embed_dim"])
-  if config["model"] == "unet":
-    return LatentUNet(dims=tuple(int(d) for d in dims),
-                      width=config["unet_width"],
-                      mults=tuple(config["unet_mults"]),
-                      num_res_blocks=config["unet_num_res_blocks"],
-                      time_embed_dim=config["time_embed_dim"])
-  raise ValueError(f"Unknown prior model {config['model']!r}; known: {sorted(MODELS)}.")
+  if config["model"] not in MODELS:
+    raise ValueError(f"Unknown prior model {config['model']!r}; known: {sorted(MODELS)}.")
+  fixed = {"dims": tuple(int(d) for d in dims)} if config["model"] == "unet" else {}
+  return models.from_config(MODELS[config["model"]], config, **fixed)
 
 
 def get_eps_fn(sde, model: nn.Module, gaussian_base: bool = True):

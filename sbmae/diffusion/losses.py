@@ -5,9 +5,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from sbmae import sde as sde_lib
+from sbmae.diffusion import sde as sde_lib
+from sbmae.latents import modality_mask_to_coords
 from sbmae.models import score as score_lib
-from sbmae.sample import modality_mask_to_coords
 
 
 def get_dsm_loss_fn(sde, model, dims: Sequence[int], *, mask_prob: float = 0.0,
@@ -25,7 +25,7 @@ def get_dsm_loss_fn(sde, model, dims: Sequence[int], *, mask_prob: float = 0.0,
   left out of the loss. With mask_prob = 0 the clean mask is all zeros.
 
   Args:
-    sde: forward SDE (`sbmae.sde`).
+    sde: forward SDE (`sbmae.diffusion.sde`).
     model: Flax module called as model.apply({'params': p}, x, t, clean_mask).
     dims: static per-modality latent sizes (sum = D).
     mask_prob: probability that a modality is kept clean.

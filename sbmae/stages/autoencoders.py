@@ -9,26 +9,25 @@ Reconstruction terms are summed over an example's dimensions and averaged over
 the batch: squared error for "mse" modalities (outputs sigmoid(logits)), binary
 cross-entropy for "bernoulli" ones.
 
-After training the stage encodes both splits once, fits per-modality latent
-statistics (mean and the Cholesky factor of the empirical precision) and stores
-the *whitened* latents in `<workdir>/autoencoders/latents.npz`; everything
-downstream works on whitened latents and un-whitens only to decode.
+After training the stage encodes both splits once, fits the per-modality
+`latents.Whitening` and stores the *whitened* latents (`RunDir.latents`);
+everything downstream works on whitened latents and un-whitens only to decode.
 """
 
 import functools
-import pathlib
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from sbmae import images
-from sbmae import modalities as modalities_lib
-from sbmae import reduction
+from sbmae import latents as latents_lib
+from sbmae import models
+from sbmae import stages
 from sbmae import training
+from sbmae.data import modalities as modalities_lib
 from sbmae.data import pipeline
 from sbmae.models import autoencoder
 
@@ -39,10 +38,10 @@ def build_models(ae_config, modalities):
   """dict name -> AutoEncoder module for each modality."""
   if ae_config.kind not in ("rae", "vae"):
     raise ValueError(f"config.autoencoder.kind={ae_config.kind!r}: expected 'rae' or 'vae'")
-  return {m.name: autoencoder.AutoEncoder(
-      kind=m.kind, shape=m.shape, latent_dim=ae_config.latent_dim,
-      widths=tuple(ae_config.widths), blocks_per_stage=ae_config.blocks_per_stage,
-      variational=ae_config.kind == "vae") for m in modalities}
+  # `kind` of the config (rae/vae) is not the module's `kind` (image/vector).
+  return {m.name: models.from_config(autoencoder.AutoEncoder, ae_config, kind=m.kind,
+                                     shape=tuple(m.shape), variational=ae_config.kind == "vae")
+          for m in modalities}
 
 
 def init_params(models, modalities, rng):
@@ -58,12 +57,6 @@ def reconstruction_loss(likelihood, logits, x):
   if likelihood == "mse":
     return jnp.sum((jax.nn.sigmoid(logits) - x) ** 2, axis=axes)
   return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), axis=axes)
-
-
-def mean_output(likelihood, logits):
-  """Decoder mean: sigmoid(logits) for both likelihoods (pixels or probabilities)."""
-  del likelihood
-  return jax.nn.sigmoid(logits)
 
 
 def get_loss_fn(models, modalities, ae_config):
@@ -96,61 +89,21 @@ def get_loss_fn(models, modalities, ae_config):
   return loss_fn
 
 
-
 def encode_fn(models):
   """Jitted (params, {name: x}) -> {name: latent mean [B, d]}."""
   return jax.jit(functools.partial(modalities_lib.apply_each, {
       n: (lambda p, x, m=m: m.apply(p, x, method="encode")[0]) for n, m in models.items()}))
 
 
-def decode_fn(models, modalities):
-  """Jitted (params, {name: z}) -> {name: decoder mean with the modality's shape}."""
-  likelihood = {m.name: m.likelihood for m in modalities}
+def decode_fn(models):
+  """Jitted (params, {name: z}) -> {name: decoder mean with the modality's shape}.
+
+  The mean is sigmoid(logits) for both likelihoods: pixel intensities for
+  "mse" modalities, probabilities for "bernoulli" ones.
+  """
   return jax.jit(functools.partial(modalities_lib.apply_each, {
-      n: (lambda p, z, m=m, n=n: mean_output(likelihood[n], m.apply(p, z, method="decode")))
+      n: (lambda p, z, m=m: jax.nn.sigmoid(m.apply(p, z, method="decode")))
       for n, m in models.items()}))
-
-
-@flax.struct.dataclass
-class LatentStats:
-  """Per-modality whitening x = L^T (z - mean), L L^T = empirical precision."""
-  mean: dict
-  whitener: dict  # L^T
-  unwhitener: dict  # L^{-T}
-
-  @classmethod
-  def fit(cls, latents, jitter=1e-6):
-    """Fits the statistics of dict name -> latents [N, d] (`reduction.whitening`).
-
-    `jitter` (relative to the mean variance) keeps the Cholesky factor defined
-    when an autoencoder leaves a latent direction unused.
-    """
-    parts = {}
-    for n, z in latents.items():
-      try:
-        parts[n] = reduction.whitening(z, jitter)
-      except np.linalg.LinAlgError as e:
-        raise ValueError(f"latents of modality {n!r} have a singular covariance even with "
-                         f"jitter {jitter}: the autoencoder collapsed ({e})") from e
-    return cls(*({n: jnp.asarray(p[i]) for n, p in parts.items()} for i in range(3)))
-
-  def whiten(self, latents):
-    """dict name -> z [.., d]  to  dict name -> x = L^T (z - mean)."""
-    return {n: (z - self.mean[n]) @ self.whitener[n].T for n, z in latents.items()}
-
-  def unwhiten(self, x):
-    """Inverse of `whiten`: z = mean + L^{-T} x."""
-    return {n: self.mean[n] + v @ self.unwhitener[n].T for n, v in x.items()}
-
-  def save(self, path):
-    np.savez(path, **{f"{field}/{n}": v for field in ("mean", "whitener", "unwhitener")
-                      for n, v in getattr(self, field).items()})
-
-  @classmethod
-  def load(cls, path):
-    with np.load(path) as f:
-      part = lambda p: {k.split("/", 1)[1]: jnp.asarray(f[k]) for k in f if k.startswith(p)}
-      return cls(part("mean/"), part("whitener/"), part("unwhitener/"))
 
 
 def encode_all(encode, params, arrays, names, batch_size=500):
@@ -169,71 +122,69 @@ def _init(config, modalities):
   models = build_models(c, modalities)
   tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=c.warmup_steps,
                                grad_clip=c.grad_clip)
-  params = init_params(models, modalities, jax.random.PRNGKey(config.seed + 1))
+  params = init_params(models, modalities, stages.stage_rng(config, STAGE))
   return models, tx, training.TrainState.create(params, tx)
 
 
-def restore(config, workdir, modalities):
-  """(models, dict name -> params) of a finished autoencoders stage."""
+def restore(config, run, modalities):
+  """(models, dict name -> params, Whitening) of a finished autoencoders stage."""
   models, _, state = _init(config, modalities)
-  state = training.restore_stage(workdir, STAGE, state)
-  return models, state.params
+  state = training.restore_stage(run.checkpoints(STAGE), STAGE, state)
+  return models, state.params, latents_lib.Whitening.load(run.latent_stats)
 
 
-def train(config, workdir, data, modalities, writer):
+def train(config, run, data, modalities, writer):
   """Trains (or resumes / loads) the autoencoders and writes latent artefacts.
 
   Args:
     config: full config.
-    workdir: run folder (stage files under `<workdir>/autoencoders`).
+    run: the `RunDir`.
     data: {"train": arrays, "test": arrays}, arrays = dict name -> array.
     modalities: tuple of `Modality`.
     writer: metrics Writer.
 
   Returns:
-    (models, params, LatentStats).
+    (models, params, Whitening).
   """
   c = config.autoencoder
   names = [m.name for m in modalities]
-  stage_dir = pathlib.Path(workdir) / STAGE
   models, tx, state = _init(config, modalities)
   ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
-                        seed=config.seed + 1)
+                        seed=stages.stage_seed(config, STAGE))
   state = training.run(
       STAGE, state, training.make_train_step(get_loss_fn(models, modalities, c), tx),
       ds.__getitem__,
-      num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed + 1),
-      manager=training.checkpoint_manager(workdir, STAGE), writer=writer,
+      num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
+      manager=training.checkpoint_manager(run.checkpoints(STAGE)), writer=writer,
       log_every=config.log_every, checkpoint_every=config.checkpoint_every)
   params = state.params
-  latents_path, stats_path = stage_dir / "latents.npz", stage_dir / "latent_stats.npz"
-  if latents_path.exists() and stats_path.exists():
-    return models, params, LatentStats.load(stats_path)
+  if run.latents.exists() and run.latent_stats.exists():
+    return models, params, latents_lib.Whitening.load(run.latent_stats)
 
   encode = encode_fn(models)
   z = {s: encode_all(encode, params, data[s], names) for s in ("train", "test")}
-  stats = LatentStats.fit(z["train"])
+  stats = latents_lib.Whitening.fit(z["train"])
   white = {s: {n: np.asarray(v) for n, v in stats.whiten(z[s]).items()} for s in z}
-  decode = decode_fn(models, modalities)
+  decode = decode_fn(models)
   test_rec = _test_reconstruction(encode, decode, params, data["test"], modalities)
   logging.info("[autoencoders] test reconstruction MSE per dim: %s",
                " ".join(f"{n}={v:.5f}" for n, v in test_rec.items()))
   writer.scalars(c.num_steps, test_rec, prefix="autoencoders/test_mse")
   if jax.process_index() == 0:
-    writer.json(f"{STAGE}/test_reconstruction.json", test_rec)
+    writer.json(run.test_reconstruction, test_rec)
     _save_reconstruction_grid(encode, decode, params, data["test"], modalities,
-                              stage_dir / "reconstructions.png")
-    stats.save(stats_path)
-    tmp = stage_dir / "latents.tmp.npz"
+                              run.reconstructions)
+    stats.save(run.latent_stats)
+    tmp = run.latents.with_suffix(".tmp.npz")
     np.savez(tmp, **{f"{s}/{n}": v for s in white for n, v in white[s].items()})
-    tmp.replace(latents_path)
+    tmp.replace(run.latents)
   return models, params, stats
 
 
-def load_latents(workdir):
+def load_latents(run):
   """Whitened latents written by the stage: {"train"|"test": {name: [N, d]}}."""
   out = {"train": {}, "test": {}}
-  with np.load(pathlib.Path(workdir) / STAGE / "latents.npz") as f:
+  with np.load(run.latents) as f:
     for key in f:
       split, name = key.split("/", 1)
       out[split][name] = f[key]

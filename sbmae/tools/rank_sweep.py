@@ -1,6 +1,6 @@
 """How much of each modality's content survives the reduction, per epsilon.
 
-  python -m sbmae.rank_sweep --config=configs/polymnist.py:cpu --workdir=W \
+  python -m sbmae.tools.rank_sweep --config=configs/polymnist.py:cpu --workdir=W \
       --epsilons=0.5,0.2,0.1,0.05,0.02
 
 For a run whose classifier, autoencoders and reduce stages are finished, re-chooses
@@ -9,11 +9,10 @@ the ranks for every epsilon from the fitted eigenvalues (no refit, no prior:
 (discarded directions drawn from N(0, I)) -> decode and reports the classifier's
 accuracy on the result: the reconstruction coherence, the ceiling on
 conditional coherence that a reduction at that epsilon leaves to the prior.
-Writes `W/reduce/rank_sweep.json` and `W/reduce/rank_sweep.png`.
+Writes `RunDir.rank_sweep` .json and .png (in W/reduce).
 """
 
 import json
-import pathlib
 
 from absl import app
 from absl import flags
@@ -23,11 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from sbmae import autoencoders
-from sbmae import classifier as classifier_lib
-from sbmae import evaluate
-from sbmae import reduction
-from sbmae import train
+from sbmae import pipeline
+from sbmae import rundir
+from sbmae import stages
+from sbmae.eval import polymnist
+from sbmae.stages import autoencoders
+from sbmae.stages import classifier as classifier_lib
+from sbmae.stages import reduce
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -42,20 +43,19 @@ def sweep(config, workdir, epsilons, num_examples):
 
   The last row is the unreduced latent (epsilon None).
   """
-  workdir = pathlib.Path(workdir)
-  data, mods = train.load_data(config, workdir)
+  run = rundir.RunDir(workdir)
+  data, mods = pipeline.load_data(config, run)
   names = [m.name for m in mods]
   test = data["test"]
   batch = {n: jnp.asarray(test[n][:num_examples], jnp.float32) / 255.0 for n in names}
   labels = np.asarray(test["label"][:num_examples])
-  ae_models, ae_params = autoencoders.restore(config, workdir, mods)
-  stats = autoencoders.LatentStats.load(workdir / autoencoders.STAGE / "latent_stats.npz")
-  fitted = reduction.Reduction.restore(workdir / train.REDUCTION_DIR)
-  clf_model, clf_params = classifier_lib.restore(config, workdir, names)
+  ae_models, ae_params, stats = autoencoders.restore(config, run, mods)
+  fitted = reduce.restore(run)
+  clf_model, clf_params = classifier_lib.restore(config, run, names)
   clf_logits = classifier_lib.logits_fn(clf_model)
   latents = stats.whiten(autoencoders.encode_fn(ae_models)(ae_params, batch))
-  decode = autoencoders.decode_fn(ae_models, mods)
-  rng = jax.random.PRNGKey(config.seed + 5)
+  decode = autoencoders.decode_fn(ae_models)
+  rng = stages.stage_rng(config, "rank_sweep")
   rows = []
   for eps in list(epsilons) + [None]:
     if eps is None:
@@ -65,7 +65,7 @@ def sweep(config, workdir, epsilons, num_examples):
       red = fitted.with_epsilon(eps, config.reduction.min_rank, config.reduction.max_rank)
       restored = red.lift(red.project(latents), rng)
       row = {"epsilon": eps, "ranks": list(red.rank_tuple), "kl_bound": red.kl_bound}
-    acc = evaluate.label_accuracy(clf_logits, clf_params,
+    acc = polymnist.label_accuracy(clf_logits, clf_params,
                                   decode(ae_params, stats.unwhiten(restored)), labels)
     row.update({f"reconstruction_{n}": a for n, a in acc.items()},
                total_rank=sum(row["ranks"]), reconstruction_mean=float(np.mean(list(acc.values()))))
@@ -79,12 +79,11 @@ def sweep(config, workdir, epsilons, num_examples):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config, workdir = flags.FLAGS.config, pathlib.Path(_WORKDIR.value)
-  rows = sweep(config, workdir, [float(e) for e in _EPSILONS.value], config.eval.num_examples)
-  out = workdir / train.REDUCTION_DIR
-  (out / "rank_sweep.json").write_text(json.dumps(rows, indent=1))
-  from sbmae import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
-  plots.plot_rank_sweep(rows, out / "rank_sweep.png")
+  config, run = flags.FLAGS.config, rundir.RunDir(_WORKDIR.value)
+  rows = sweep(config, run.root, [float(e) for e in _EPSILONS.value], config.eval.num_examples)
+  run.rank_sweep.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+  from sbmae.reduction import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+  plots.plot_rank_sweep(rows, run.rank_sweep.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sbmae import modalities
+from sbmae import stages
 from sbmae import training
+from sbmae.data import modalities
 from sbmae.data import pipeline
 from sbmae.models import classifier as classifier_model
 
@@ -24,6 +25,7 @@ STAGE = "classifier"
 
 
 def build_model(config):
+  """The DigitClassifier of `config.classifier`."""
   return classifier_model.DigitClassifier(width=config.classifier.width)
 
 
@@ -31,7 +33,6 @@ def init_params(model, rng, names):
   """Dict name -> parameters of one independent classifier per modality."""
   dummy = jnp.zeros((1, 28, 28, 3), jnp.float32)
   return {n: model.init(jax.random.fold_in(rng, k), dummy) for k, n in enumerate(names)}
-
 
 
 def random_shift(rng, images, max_shift=2):
@@ -66,7 +67,6 @@ def get_loss_fn(model):
   return loss_fn
 
 
-
 def logits_fn(model):
   """Jitted (params, {name: images [B, 28, 28, 3]}) -> {name: logits [B, 10]}."""
   return jax.jit(functools.partial(modalities.apply_each, model.apply))
@@ -95,23 +95,23 @@ def _init(config, names):
   c = config.classifier
   model = build_model(config)
   tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=100)
-  params = init_params(model, jax.random.PRNGKey(config.seed), names)
+  params = init_params(model, stages.stage_rng(config, STAGE), names)
   return model, tx, training.TrainState.create(params, tx)
 
 
-def restore(config, workdir, names):
-  """(model, dict name -> params) of a finished classifier stage."""
+def restore(config, run, names):
+  """(model, dict name -> params) of a finished classifier stage of `run` (a RunDir)."""
   model, _, state = _init(config, names)
-  state = training.restore_stage(workdir, STAGE, state)
+  state = training.restore_stage(run.checkpoints(STAGE), STAGE, state)
   return model, state.params
 
 
-def train(config, workdir, data, writer):
+def train(config, run, data, writer):
   """Trains (or resumes, or loads when finished) the classifiers.
 
   Args:
     config: full config.
-    workdir: run folder; checkpoints go to `<workdir>/classifier/checkpoints`.
+    run: the `RunDir`.
     data: {"train": arrays, "test": arrays}, arrays = dict name -> array.
     writer: metrics Writer.
 
@@ -122,15 +122,15 @@ def train(config, workdir, data, writer):
   names = [f"m{k}" for k in range(config.data.num_modalities)]
   model, tx, state = _init(config, names)
   ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
-                        seed=config.seed)
+                        seed=stages.stage_seed(config, STAGE))
   state = training.run(
       STAGE, state, training.make_train_step(get_loss_fn(model), tx), ds.__getitem__,
-      num_steps=c.num_steps, rng=jax.random.PRNGKey(config.seed),
-      manager=training.checkpoint_manager(workdir, STAGE),
+      num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
+      manager=training.checkpoint_manager(run.checkpoints(STAGE)),
       writer=writer, log_every=config.log_every, checkpoint_every=config.checkpoint_every)
   acc = accuracy(model, state.params, data["test"], names)
   logging.info("[classifier] test accuracy per modality: %s",
                " ".join(f"{n}={a:.4f}" for n, a in acc.items()))
   writer.scalars(c.num_steps, acc, prefix="classifier/test_accuracy")
-  writer.json(f"{STAGE}/test_accuracy.json", acc)
+  writer.json(run.classifier_accuracy, acc)
   return model, state.params

@@ -1,6 +1,6 @@
 """Compares finished runs: a Markdown table and a coherence-vs-k plot.
 
-  python -m sbmae.compare --run=full:/tmp/w/full --run=reduced:/tmp/w/reduced \
+  python -m sbmae.tools.compare --run=full:/tmp/w/full --run=reduced:/tmp/w/reduced \
       --out=/tmp/w/compare
 
 reads each run's `eval/metrics.json` (and `reduce/reduction.json` when the run
@@ -16,25 +16,53 @@ import pathlib
 
 from absl import app
 from absl import flags
+import matplotlib
 
-from sbmae import evaluate
-from sbmae import plots
-from sbmae import reduction
-from sbmae import train
+matplotlib.use("Agg")  # Files only.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from sbmae import rundir
+from sbmae.reduction import plots
+from sbmae.reduction import reduction
 
 _RUNS = flags.DEFINE_multi_string("run", [], "label:workdir of a finished run (repeat).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 
 
+def conditional_ks(metrics):
+  """Sorted k of every `coherence/conditional_k{k}` key in an eval metrics dict."""
+  return sorted(int(key.rsplit("_k", 1)[1]) for key in metrics
+                if key.startswith("coherence/conditional_k"))
+
+
+def plot_coherence(runs, path):
+  """Conditional coherence against the number of observed modalities.
+
+  Args:
+    runs: dict label -> eval metrics (the "metrics" dict of eval/metrics.json),
+      one line per run.
+    path: output PNG.
+  """
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  all_ks = set()
+  for label, metrics in runs.items():
+    ks = conditional_ks(metrics)
+    ax.plot(ks, [metrics[f"coherence/conditional_k{k}"] for k in ks], marker="o",
+            label=label)
+    all_ks.update(ks)
+  ax.set_xticks(sorted(all_ks))
+  plots.save_unit_plot(fig, ax, "observed modalities k", "conditional coherence", path)
+
+
 def load_run(workdir):
   """(eval metrics dict, reduction summary dict or None) of a finished run."""
-  workdir = pathlib.Path(workdir)
-  metrics_path = workdir / evaluate.STAGE / "metrics.json"
+  run = rundir.RunDir(workdir)
+  metrics_path = run.eval_metrics
   if not metrics_path.exists():
     raise FileNotFoundError(f"{metrics_path} not found: run the evaluate stage of {workdir} "
                             f"first (python -m sbmae.main ... --workdir={workdir}).")
   metrics = json.loads(metrics_path.read_text())["metrics"]
-  summary_path = workdir / train.REDUCTION_DIR / reduction.SUMMARY_FILE
+  summary_path = run.reduction / reduction.SUMMARY_FILE
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
   return metrics, summary
 
@@ -46,7 +74,7 @@ def table(runs):
     runs: dict label -> (metrics, reduction or None) from `load_run`.
   """
   metrics = [m for m, _ in runs.values()]
-  ks = sorted({k for m in metrics for k in plots.conditional_ks(m)})
+  ks = sorted({k for m in metrics for k in conditional_ks(m)})
   fds = sorted({key for m in metrics for key in m if key.startswith("fd_clf/")},
                key=lambda s: (len(s), s))  # m2 before m10
   head = (["run", "latent dims (ranks)", "KL bound", "recon. coh."] + [f"k={k}" for k in ks]
@@ -80,7 +108,7 @@ def main(argv):
     runs[label] = load_run(workdir)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  plots.plot_coherence({label: m for label, (m, _) in runs.items()}, out / "coherence.png")
+  plot_coherence({label: m for label, (m, _) in runs.items()}, out / "coherence.png")
   text = table(runs)
   (out / "table.md").write_text(text + "\n")
   print(text)

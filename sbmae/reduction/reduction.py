@@ -1,7 +1,8 @@
 """Per-modality dimension reduction by score-ratio matching.
 
-Each modality's latent block is whitened (x_m = L_m^T (z_m - mu_m), L_m L_m^T
-the empirical precision), so the reference density is rho = N(0, I_D). The score
+It works on whitened latents (`sbmae.latents.Whitening`: x_m = L_m^T (z_m -
+mu_m), L_m L_m^T the empirical precision of block m), so the reference density
+is rho = N(0, I_D). The score
 ratio s = grad log(pi / rho) is fitted by minimising the implicit objective
 F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"; the model and its
 training live in `sbmae.score_ratio`): a closed-form linear term plus a
@@ -12,9 +13,10 @@ modality's basis U_m, and ranks are chosen so that
 KL(pi || pi_W) <= 1/2 * (discarded eigenvalue mass) <= epsilon.
 
 Typical use:
-  red = reduction.fit(latents, epsilon=0.5, rng=jax.random.key(0))
-  y = red.project(latents)           # dict name -> [N, r_m]
-  z = red.lift(y, rng=key)           # samples of pi_W in the raw latent space
+  x = latents.Whitening.fit(z).whiten(z)  # dict name -> whitened [N, d_m]
+  red = reduction.fit(x, epsilon=0.5, rng=jax.random.key(0))
+  y = red.project(x)                 # dict name -> [N, r_m]
+  x_w = red.lift(y, rng=key)         # samples of pi_W, whitened coordinates
 """
 
 import dataclasses
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sbmae import score_ratio
+from sbmae.reduction import score_ratio
 
 
 # Human-readable summary (names, ranks, dims, KL bound, fit statistics) written
@@ -75,10 +77,9 @@ class ReductionConfig:
       the linear threshold, stop training and estimate H.
     min_rank: floor on every modality's rank (capped at d_m).
     max_rank: ceiling on every modality's rank; -1 for none.
-    whiten_jitter: added to each block covariance's diagonal, relative to its
-      mean variance, so that exactly degenerate blocks still invert. Keep it
-      tiny: a direction whose variance is not far above it is not whitened
-      to unit variance and then looks informative (drop dead dims instead).
+
+  `configs/default.py` builds its `reduction` section from these defaults, so
+  they are written here only.
   """
   parametrisation: str = "ridge"
   bottleneck: int = 64
@@ -97,7 +98,6 @@ class ReductionConfig:
   held_out_fraction: float = 0.2
   min_rank: int = 1
   max_rank: int = -1
-  whiten_jitter: float = 1e-9
 
 
 # Keys of the project's `config.reduction` section that are not fit settings.
@@ -122,27 +122,6 @@ def make_config(config=None) -> ReductionConfig:
   # ConfigDicts may hold lists where the dataclass wants tuples.
   return ReductionConfig(**{k: tuple(v) if isinstance(v, list) else v
                             for k, v in items.items() if k in fields})
-
-
-def whitening(z, jitter: float = 1e-9):
-  """Empirical whitening of one block: x = L^T (z - mu), L L^T the precision.
-
-  Computed in float64 on the host (d x d matrices only).
-
-  Args:
-    z: [N, d] samples.
-    jitter: added to the covariance diagonal, relative to the mean variance.
-
-  Returns:
-    (mu [d], L^T [d, d], L^{-T} [d, d]) as float32 numpy arrays.
-  """
-  z = np.asarray(z, np.float64)
-  mu = z.mean(0)
-  cov = np.cov(z - mu, rowvar=False, bias=True).reshape(z.shape[1], -1)
-  cov += jitter * np.trace(cov) / len(cov) * np.eye(len(cov))
-  chol = np.linalg.cholesky(np.linalg.inv(cov))
-  f32 = lambda a: np.asarray(a, np.float32)
-  return f32(mu), f32(chol.T), f32(np.linalg.inv(chol.T))
 
 
 def select_ranks(eigenvalues: Sequence[Any], epsilon: float, min_rank: int = 0,
@@ -185,12 +164,9 @@ def select_ranks(eigenvalues: Sequence[Any], epsilon: float, min_rank: int = 0,
 
 @struct.dataclass
 class Reduction:
-  """A fitted block-diagonal reduction; a pytree usable inside jit.
+  """A fitted block-diagonal reduction of whitened latents; a pytree usable inside jit.
 
   Attributes:
-    means: name -> mu_m [d_m].
-    whiteners: name -> L_m^T [d_m, d_m]; x_m = L_m^T (z_m - mu_m).
-    unwhiteners: name -> L_m^{-T}.
     eigenvalues: name -> eigenvalues of H_mm [d_m], descending, >= 0.
     eigenvectors: name -> the matching orthonormal eigenvectors [d_m, d_m].
     names: modality names, in the order of the concatenated latent.
@@ -199,9 +175,6 @@ class Reduction:
     epsilon: the target the ranks were chosen for.
     fit_stats: (key, value) pairs describing the fit (see `stats`).
   """
-  means: dict[str, jax.Array]
-  whiteners: dict[str, jax.Array]
-  unwhiteners: dict[str, jax.Array]
   eigenvalues: dict[str, jax.Array]
   eigenvectors: dict[str, jax.Array]
   names: tuple[str, ...] = struct.field(pytree_node=False)
@@ -234,19 +207,6 @@ class Reduction:
     """Timings (seconds) and training figures recorded by `fit`."""
     return dict(self.fit_stats)
 
-  def whiten(self, latents: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Raw latents [..., d_m] -> whitened x_m = L_m^T (z_m - mu_m).
-
-    Modalities absent from `latents` are skipped (also in the methods below).
-    """
-    return {n: (latents[n] - self.means[n]) @ self.whiteners[n].T
-            for n in self.names if n in latents}
-
-  def unwhiten(self, x: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Whitened x_m -> raw latents z_m = mu_m + L_m^{-T} x_m."""
-    return {n: self.means[n] + x[n] @ self.unwhiteners[n].T
-            for n in self.names if n in x}
-
   def with_epsilon(self, epsilon: float, min_rank: int = 0,
                    max_rank: int = -1) -> "Reduction":
     """The same fit with ranks re-chosen for `epsilon` (no refitting)."""
@@ -256,20 +216,23 @@ class Reduction:
                         epsilon=float(epsilon))
 
   def project(self, latents: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Raw latents -> reduced y_m = U_m^T x_m [..., r_m]."""
+    """Whitened latents x_m -> reduced y_m = U_m^T x_m [..., r_m].
+
+    Modalities absent from `latents` are skipped (also by `lift`).
+    """
     bases = self.bases
-    return {n: x @ bases[n] for n, x in self.whiten(latents).items()}
+    return {n: latents[n] @ bases[n] for n in self.names if n in latents}
 
   def lift(self, reduced: Mapping[str, jax.Array],
            rng: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Reduced y_m -> raw latents, x_m = U_m y_m + U_m,perp xi, un-whitened.
+    """Reduced y_m -> whitened latents x_m = U_m y_m + U_m,perp xi.
 
     Args:
       reduced: name -> y_m [..., r_m].
       rng: if given, xi ~ N(0, I) (a sample of pi_W given y); else xi = 0.
 
     Returns:
-      name -> z_m [..., d_m].
+      name -> x_m [..., d_m].
     """
     bases, comps, x = self.bases, self.complements, {}
     for i, n in enumerate(self.names):
@@ -281,7 +244,7 @@ class Reduction:
         xi = jax.random.normal(jax.random.fold_in(rng, i),
                                y.shape[:-1] + (comps[n].shape[1],), y.dtype)
         x[n] = x[n] + xi @ comps[n].T
-    return self.unwhiten(x)
+    return x
 
   def save(self, path) -> None:
     """Writes the arrays (Orbax) and names/ranks/bound (JSON) under `path`."""
@@ -301,9 +264,7 @@ class Reduction:
     path = pathlib.Path(path).absolute()
     meta = json.loads((path / SUMMARY_FILE).read_text())
     names = tuple(meta["names"])
-    shapes = dict(means=lambda d: (d,), whiteners=lambda d: (d, d),
-                  unwhiteners=lambda d: (d, d), eigenvalues=lambda d: (d,),
-                  eigenvectors=lambda d: (d, d))
+    shapes = dict(eigenvalues=lambda d: (d,), eigenvectors=lambda d: (d, d))
     target = {k: {n: jax.ShapeDtypeStruct(shapes[k](d), jnp.float32)
                   for n, d in zip(names, meta["dims"])} for k in _ARRAY_FIELDS}
     with ocp.StandardCheckpointer() as ckptr:
@@ -313,16 +274,33 @@ class Reduction:
                fit_stats=tuple(meta["stats"].items()))
 
 
-_ARRAY_FIELDS = ("means", "whiteners", "unwhiteners", "eigenvalues",
-                 "eigenvectors")
+_ARRAY_FIELDS = ("eigenvalues", "eigenvectors")
+
+
+def check_whitened(latents: Mapping[str, Any], tolerance: float = 0.5):
+  """Raises ValueError naming the modality whose block is clearly not whitened.
+
+  The reduction's reference density is N(0, I): raw latents would make every
+  direction look informative. Loose on purpose, so that any large sample of
+  whitened latents passes: every mean within `tolerance` of 0 and every
+  variance within a factor 1 + `tolerance` of 1.
+  """
+  for n, z in latents.items():
+    z = np.asarray(z, np.float64)
+    mean, var = np.abs(z.mean(0)).max(), z.var(0)
+    if mean > tolerance or var.max() > 1 + tolerance or var.min() < 1 / (1 + tolerance):
+      raise ValueError(
+          f"latents of modality {n!r} are not whitened (largest |mean| {mean:.3g}, "
+          f"variances {var.min():.3g}..{var.max():.3g}): pass them through "
+          "sbmae.latents.Whitening first (a variance near 0 means a constant direction)")
 
 
 def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
         config=None) -> Reduction:
-  """Fits the per-modality reduction to samples of the latents.
+  """Fits the per-modality reduction to samples of the whitened latents.
 
   Args:
-    latents: name -> [N, d_m] samples (raw; each block is whitened here).
+    latents: name -> [N, d_m] whitened samples (`sbmae.latents.Whitening`).
     epsilon: target bound (nats) on KL(pi || pi_W).
     rng: PRNG key (data split, initialisation, batches, probes).
     config: anything `make_config` accepts (None: ReductionConfig defaults).
@@ -332,17 +310,13 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
   """
   cfg = make_config(config)
   names = tuple(latents)
-  t0 = time.perf_counter()
-  mus, wts, uwts = zip(*(whitening(latents[n], cfg.whiten_jitter)
-                         for n in names))
-  x = jnp.concatenate([(jnp.asarray(latents[n], jnp.float32) - mu) @ wt.T
-                       for n, mu, wt in zip(names, mus, wts)], axis=-1)
-  dims = tuple(int(mu.shape[0]) for mu in mus)
+  check_whitened(latents)
+  x = jnp.concatenate([jnp.asarray(latents[n], jnp.float32) for n in names], axis=-1)
+  dims = tuple(int(latents[n].shape[-1]) for n in names)
   n_held = max(1, int(round(cfg.held_out_fraction * x.shape[0])))
   k_split, k_train = jax.random.split(rng)
   perm = jax.random.permutation(k_split, x.shape[0])
   x_held, x_train = x[perm[:n_held]], x[perm[n_held:]]
-  t_whiten = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   model, params, info = score_ratio.train_score_ratio(x_train, x_held, rng=k_train,
@@ -368,16 +342,15 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
   if kl_bound >= epsilon:
     logging.warning("reduction: KL bound %.3f >= epsilon %.3f (rank ceilings)",
                     kl_bound, epsilon)
-  stats = dict(whiten_seconds=t_whiten, train_seconds=t_train,
-               diagnostic_seconds=t_h, eigh_seconds=t_eigh, **info)
-  logging.info("reduction: whitening %.2f s, training %.1f s (%d steps, best "
+  stats = dict(train_seconds=t_train, diagnostic_seconds=t_h, eigh_seconds=t_eigh,
+               **info)
+  logging.info("reduction: training %.1f s (%d steps, best "
                "held-out F %.4f @ %d), H blocks %.2f s, eigh %.2f s; ranks %s, "
-               "KL bound %.4f", t_whiten, t_train, info["train_steps"],
+               "KL bound %.4f", t_train, info["train_steps"],
                info["held_out_objective"], info["best_step"], t_h, t_eigh,
                dict(zip(names, ranks)), kl_bound)
   as_dict = lambda arrays: dict(zip(names, (jnp.asarray(a) for a in arrays)))
-  return Reduction(means=as_dict(mus), whiteners=as_dict(wts),
-                   unwhiteners=as_dict(uwts), eigenvalues=as_dict(eigvals),
+  return Reduction(eigenvalues=as_dict(eigvals),
                    eigenvectors=as_dict(eigvecs), names=names,
                    rank_tuple=ranks, kl_bound=float(kl_bound),
                    epsilon=float(epsilon), fit_stats=tuple(stats.items()))

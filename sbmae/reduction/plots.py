@@ -1,4 +1,4 @@
-"""PNG plots of a fitted dimension reduction (sbmae.reduction.Reduction).
+"""PNG plots of a fitted dimension reduction (`sbmae.reduction.reduction.Reduction`).
 
 Each function takes a Reduction and an output path and writes one figure:
 the eigenvalue spectra of the diagnostic blocks H_mm, the KL bound against the
@@ -22,6 +22,15 @@ def _save(fig, path):
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
+
+
+def _finish_log_plot(fig, ax, xlabel, ylabel, path, ncol=1):
+  """Labels, legend and a log-scale grid, then writes the figure."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=7, ncol=ncol)
+  ax.grid(True, which="both", alpha=0.3)
+  _save(fig, path)
 
 
 def bound_curve(reduction):
@@ -55,12 +64,8 @@ def plot_spectra(reduction, path):
     line, = ax.semilogy(idx, lam, "-", lw=1.2, label=name)
     r = reduction.ranks[name]
     ax.semilogy(idx[:r], lam[:r], "o", ms=4, color=line.get_color())
-  ax.set_xlabel("index i")
-  ax.set_ylabel("eigenvalue of H_mm")
   ax.set_title("Diagnostic spectra per modality (dots: kept directions)")
-  ax.legend(fontsize=7, ncol=2)
-  ax.grid(True, which="both", alpha=0.3)
-  _save(fig, path)
+  _finish_log_plot(fig, ax, "index i", "eigenvalue of H_mm", path, ncol=2)
 
 
 def plot_kl_bound(reduction, path):
@@ -79,11 +84,7 @@ def plot_kl_bound(reduction, path):
   total = sum(reduction.ranks.values())
   ax.plot([total], [max(reduction.kl_bound, _FLOOR)], "o", color="C3",
           label=f"chosen: rank {total}, bound {reduction.kl_bound:.3g}")
-  ax.set_xlabel("total rank sum_m r_m")
-  ax.set_ylabel("bound on KL(pi || pi_W) (nats)")
-  ax.legend(fontsize=8)
-  ax.grid(True, which="both", alpha=0.3)
-  _save(fig, path)
+  _finish_log_plot(fig, ax, "total rank sum_m r_m", "bound on KL(pi || pi_W) (nats)", path)
 
 
 def plot_ranks(reduction, path):
@@ -125,14 +126,8 @@ def save_all(reduction, out_dir):
   return paths
 
 
-def conditional_ks(metrics):
-  """Sorted k of every `coherence/conditional_k{k}` key in an eval metrics dict."""
-  return sorted(int(key.rsplit("_k", 1)[1]) for key in metrics
-                if key.startswith("coherence/conditional_k"))
-
-
-def _save_unit_plot(fig, ax, xlabel, ylabel, path):
-  """Labels, a [0, 1] y axis, grid and legend, then writes the figure."""
+def save_unit_plot(fig, ax, xlabel, ylabel, path):
+  """Labels, a [0, 1] y axis, grid and legend, then writes the figure (coherence plots)."""
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_ylim(0, 1)
@@ -141,30 +136,11 @@ def _save_unit_plot(fig, ax, xlabel, ylabel, path):
   _save(fig, path)
 
 
-def plot_coherence(runs, path):
-  """Conditional coherence against the number of observed modalities.
-
-  Args:
-    runs: dict label -> eval metrics (the "metrics" dict of eval/metrics.json),
-      one line per run.
-    path: output PNG.
-  """
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  all_ks = set()
-  for label, metrics in runs.items():
-    ks = conditional_ks(metrics)
-    ax.plot(ks, [metrics[f"coherence/conditional_k{k}"] for k in ks], marker="o",
-            label=label)
-    all_ks.update(ks)
-  ax.set_xticks(sorted(all_ks))
-  _save_unit_plot(fig, ax, "observed modalities k", "conditional coherence", path)
-
-
 def plot_rank_sweep(rows, path):
   """Reconstruction coherence against total rank, one point per epsilon.
 
   Args:
-    rows: `sbmae.rank_sweep.sweep` output (the row with epsilon None is the
+    rows: `sbmae.tools.rank_sweep.sweep` output (the row with epsilon None is the
       unreduced latent, drawn as a horizontal line).
     path: output PNG.
   """
@@ -179,4 +155,4 @@ def plot_rank_sweep(rows, path):
     if r["epsilon"] is None:
       ax.axhline(r["reconstruction_mean"], color="k", ls="--",
                  label=f"full ({r['total_rank']} dims)")
-  _save_unit_plot(fig, ax, "total rank", "reconstruction coherence", path)
+  save_unit_plot(fig, ax, "total rank", "reconstruction coherence", path)

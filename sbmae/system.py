@@ -2,35 +2,38 @@
 
 `MultimodalModel` bundles the per-modality autoencoders, the latent whitening,
 the optional reduction and the joint prior, with jitted `encode`, `decode` and
-`generate`. `load(workdir)` rebuilds it from a finished run (the only function
-here that reads files; `sbmae.sample` itself stays pure):
+`generate`. `load(workdir)` rebuilds it from a finished run (with `build`, the
+only functions here that read files; `sbmae.diffusion.sample` itself stays pure):
 
-  from sbmae import multimodal
-  mm = multimodal.load("/tmp/sbmae_quick")
+  from sbmae import system
+  mm = system.load("/tmp/sbmae_quick")
   out = mm.generate(jax.random.PRNGKey(0), {"m0": images}, observed=["m0"])
   out["m3"]  # float32 [B, 28, 28, 3]: modality 3 generated from modality 0
 """
 
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbmae import autoencoders
-from sbmae import prior as prior_lib
-from sbmae import sample as sample_lib
+from sbmae import latents as latents_lib
+from sbmae import rundir
+from sbmae.data import registry
+from sbmae.diffusion import sample as sample_lib
+from sbmae.stages import autoencoders
+from sbmae.stages import prior
+from sbmae.stages import reduce
 
 
 class MultimodalModel:
   """Autoencoders + whitening + optional reduction + joint prior + sampler.
 
   Attributes:
-    modalities: tuple of `sbmae.modalities.Modality`.
+    modalities: tuple of `sbmae.data.modalities.Modality`.
     names: modality names in latent order.
     dims: latent block sizes seen by the prior (reduced ranks when reducing).
-    reduction: a `sbmae.reduction.Reduction` or None.
+    reduction: a `sbmae.reduction.reduction.Reduction` or None.
   """
 
   def __init__(self, modalities, ae_models, ae_params, stats, reduction, sde, score_fn,
@@ -44,7 +47,7 @@ class MultimodalModel:
     else:
       self.dims = tuple(int(reduction.ranks[n]) for n in self.names)
     self._encode_ae = autoencoders.encode_fn(ae_models)
-    self._decode_ae = autoencoders.decode_fn(ae_models, modalities)
+    self._decode_ae = autoencoders.decode_fn(ae_models)
     self.sampler = sample_lib.get_sampler(
         sde, score_fn, self.dims, num_steps=sampling_config.num_steps,
         corrector_steps=sampling_config.corrector_steps, snr=sampling_config.snr,
@@ -55,7 +58,7 @@ class MultimodalModel:
     """Whitened per-modality latents -> the prior's flat latent [B, D]."""
     if self.reduction is not None:
       latents = self.reduction.project(latents)
-    return prior_lib.flatten(latents, self.names)
+    return latents_lib.flatten(latents, self.names)
 
   @functools.partial(jax.jit, static_argnums=0)
   def flat_to_latents(self, flat, rng=None):
@@ -65,7 +68,7 @@ class MultimodalModel:
     is given (exact sampling from the ridge approximation) and set to 0 (the
     mean) otherwise.
     """
-    latents = prior_lib.unflatten(flat, self.names, self.dims)
+    latents = latents_lib.unflatten(flat, self.names, self.dims)
     if self.reduction is not None:
       latents = self.reduction.lift(latents, rng)
     return latents
@@ -107,19 +110,29 @@ class MultimodalModel:
     return self.decode(latents, decode_rng)
 
 
+def build(config, run):
+  """The trained MultimodalModel of `run` (a RunDir whose stages are finished)."""
+  mods = registry.get(config.data).modalities(config.data)
+  names = [m.name for m in mods]
+  models, ae_params, stats = autoencoders.restore(config, run, mods)
+  red = reduce.restore(run) if config.reduction.enabled else None
+  dims = ([red.ranks[n] for n in names] if red is not None
+          else [int(stats.mean[n].shape[0]) for n in names])
+  sde, _, score_fn, params = prior.restore(config, run, dims)
+  return MultimodalModel(mods, models, ae_params, stats, red, sde, score_fn, params,
+                         config.sampling, clean_conditioning=config.prior.mask_prob > 0)
+
+
 def load(workdir, config=None):
   """Rebuilds the trained `MultimodalModel` of a finished run.
 
   Args:
     workdir: the run folder.
-    config: the run's config; by default the one the run saved in
-      `<workdir>/config.json`.
+    config: the run's config; by default the one the run saved
+      (`RunDir.config`).
 
   Returns:
     MultimodalModel with the prior's EMA parameters.
   """
-  from sbmae import train  # pylint: disable=g-import-not-at-top  (train imports this module)
-  workdir = pathlib.Path(workdir)
-  if config is None:
-    config = train.config_from_json((workdir / "config.json").read_text())
-  return train.build_multimodal(config, workdir)
+  run = rundir.RunDir(workdir)
+  return build(run.load_config() if config is None else config, run)

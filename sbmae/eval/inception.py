@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sbmae import frechet
+from sbmae.eval import frechet
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

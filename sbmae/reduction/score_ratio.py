@@ -7,7 +7,8 @@ density. `train_score_ratio` fits s_theta = B_0 x + r(x): a closed-form linear
 term (`linear_fit`, exact for Gaussian latents, shrunk against sampling noise)
 plus a nonlinear residual, with early stopping on held-out F.
 `diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T].
-`sbmae.reduction` builds the per-modality reduction on top of these.
+`sbmae.reduction.reduction` builds the per-modality reduction on top of these;
+the networks are in `sbmae.models.score_ratio`.
 """
 
 import functools
@@ -18,46 +19,16 @@ from typing import Any, Callable, NamedTuple
 from absl import logging
 import flax
 from flax.training import train_state
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sbmae.models.score_ratio import MLP
+from sbmae.models.score_ratio import RidgeFunctions
+
 Params = Any
 PARAMETRISATIONS = ("ridge", "lowrank", "linear_mlp", "mlp")
-
-
-class MLP(nn.Module):
-  """GELU MLP; its last layer starts at zero unless `zero_output` is False."""
-  features: int
-  width: int
-  depth: int
-  zero_output: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    for _ in range(self.depth):
-      x = nn.gelu(nn.Dense(self.width)(x))
-    init = (nn.initializers.zeros if self.zero_output else
-            nn.linear.default_kernel_init)
-    return nn.Dense(self.features, kernel_init=init)(x)
-
-
-class RidgeFunctions(nn.Module):
-  """k separate scalar functions g_j(u_j), each a one-hidden-layer GELU net."""
-  features: int
-  width: int
-
-  @nn.compact
-  def __call__(self, u):
-    shape = (self.features, self.width)
-    normal = nn.initializers.normal
-    w_in = self.param("kernel_in", normal(1.0), shape)
-    b_in = self.param("bias_in", normal(1.0), shape)
-    w_out = self.param("kernel_out", normal(self.width**-0.5), shape)
-    b_out = self.param("bias_out", nn.initializers.zeros, (self.features,))
-    return jnp.sum(nn.gelu(u[..., None] * w_in + b_in) * w_out, -1) + b_out
 
 
 class ScoreRatioModel(NamedTuple):

@@ -1,0 +1,175 @@
+"""Stage `evaluate`: one sampling loop for every data set; a scorer per data set.
+
+For the first `eval.num_examples` test tuples the driver
+  * encodes them and decodes them again (the reconstruction ceiling),
+  * for every number k = 1..M-1 of observed modalities and every evaluated
+    subset S of size k (all C(M, k), or a seeded sample of `eval.max_subsets`),
+    generates the missing modalities given S,
+  * draws `eval.num_unconditional` joint samples,
+and hands each output to the data set's scorer (`SCORERS`), which turns it
+into numbers (coherence for PolyMNIST, F1s and Frechet distances for
+CelebAMask-HQ), pictures, and the flat metrics written to
+`RunDir.eval_metrics` and TensorBoard. A scorer is built as
+Scorer(config, run_dir, names, truth, labels) and has
+  conditional(output, observed) -> scores    (observed: tuple of names)
+  unconditional(output) -> scores
+  reconstruction(output) -> scores
+  summarise(conditional, unconditional, reconstruction) -> (metrics, per_subset)
+      with conditional = {k: {observed: scores}}
+  picture(kind, output, observed=(), index=0)  (kind: "conditional",
+      "unconditional" or "reconstruction"; index: the subset's position
+      among the evaluated subsets of its size)
+
+Randomness: one base key for the stage (`stages.stage_rng`); subset j of size
+k samples with fold_in(fold_in(key, k), j), the joint samples with the
+UNCONDITIONAL stream and the reconstructions with the RECONSTRUCTION stream
+(their discarded directions, when there is a reduction), so every number is
+reproducible on its own.
+"""
+
+import itertools
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sbmae import stages
+from sbmae import training
+from sbmae.eval import celeba
+from sbmae.eval import polymnist
+
+STAGE = "evaluate"
+SCORERS = {"polymnist": polymnist.Scorer, "celeba": celeba.Scorer}
+# fold_in streams of the stage key (conditional subsets use k = 1..M-1).
+UNCONDITIONAL = 100
+RECONSTRUCTION = 300
+
+
+def subsets_of_size(num_modalities, k, max_subsets, rng):
+  """The subsets (tuples of indices) of size k that are evaluated.
+
+  Args:
+    num_modalities: M.
+    k: subset size.
+    max_subsets: -1 for all C(M, k); else a random sample of that many.
+    rng: numpy Generator for the sample.
+  """
+  all_subsets = list(itertools.combinations(range(num_modalities), k))
+  if max_subsets < 0 or max_subsets >= len(all_subsets):
+    return all_subsets
+  pick = rng.choice(len(all_subsets), size=max_subsets, replace=False)
+  return [all_subsets[i] for i in sorted(pick)]
+
+
+def pad_rows(x, size):
+  """Pads the leading axis to `size` by repeating the first row (fixed shapes, one compile)."""
+  if len(x) == size:
+    return x
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.concatenate([x, xp.repeat(x[:1], size - len(x), axis=0)])
+
+
+def chunked(fn, arrays, batch_size):
+  """fn(i, chunk_i) over chunks of dict name -> [N, ...], padded to `batch_size`.
+
+  Returns:
+    fn's outputs (a pytree of [batch, ...]) trimmed and concatenated to [N, ...].
+  """
+  n = len(next(iter(arrays.values())))
+  outs = []
+  for i, start in enumerate(range(0, n, batch_size)):
+    size = min(batch_size, n - start)
+    out = fn(i, {k: pad_rows(v[start:start + size], batch_size) for k, v in arrays.items()})
+    outs.append(jax.tree.map(lambda v, size=size: v[:size], out))
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
+def generate(mm, rng, flat, mask, batch_size):
+  """Decoded samples for every row of `flat` [N, D] given the modality mask [M].
+
+  Rows are sampled in padded chunks of `batch_size` (one compiled sampler),
+  each chunk split over this process's devices.
+
+  Returns:
+    dict name -> [N, ...]: observed modalities reconstructed, the others generated.
+  """
+  def one(i, chunk):
+    key = jax.random.fold_in(rng, i)
+    observed, (params, sample_key) = training.shard_local(chunk["flat"],
+                                                          (mm.prior_params, key))
+    # Back on the host: the decoders' parameters live on the default device.
+    latents = jax.device_get(mm.sampler(sample_key, params, observed, mask))
+    return mm.decode(latents, jax.random.fold_in(key, 1))
+  return chunked(one, {"flat": flat}, batch_size)
+
+
+def run(config, run_dir, mm, test_arrays, writer):
+  """Evaluates a trained MultimodalModel; writes metrics JSON, TensorBoard and PNGs.
+
+  Args:
+    config: full config.
+    run_dir: the `RunDir`.
+    mm: `sbmae.system.MultimodalModel`.
+    test_arrays: dict name -> test array (uint8 images, bool binary
+      modalities) and "label" where the data set has one.
+    writer: metrics Writer.
+
+  Returns:
+    dict of metrics.
+  """
+  e, names = config.eval, mm.names
+  bs = config.sampling.batch_size
+  rng = stages.stage_rng(config, STAGE)
+  n = min(e.num_examples, len(test_arrays[names[0]]))
+  truth = {k: jnp.asarray(test_arrays[k][:n], jnp.float32) / 255.0
+           if test_arrays[k].dtype == np.uint8 else jnp.asarray(test_arrays[k][:n], jnp.float32)
+           for k in names}
+  labels = np.asarray(test_arrays["label"][:n]) if "label" in test_arrays else None
+  scorer = SCORERS[config.data.name](config, run_dir, names, truth, labels)
+  t0 = time.perf_counter()
+  flat = chunked(lambda _, chunk: mm.encode(chunk), truth, bs)
+
+  recon_rng = jax.random.fold_in(rng, RECONSTRUCTION)
+  recon = chunked(lambda i, chunk: mm.decode(chunk["flat"], jax.random.fold_in(recon_rng, i)),
+                  {"flat": flat}, bs)
+  reconstruction = scorer.reconstruction(recon)
+  conditional = {}
+  subset_rng = np.random.default_rng(config.seed)
+  for k in range(1, len(names)):
+    conditional[k] = {}
+    for j, subset in enumerate(subsets_of_size(len(names), k, e.max_subsets, subset_rng)):
+      mask = np.isin(np.arange(len(names)), subset)
+      observed = tuple(names[i] for i in subset)
+      output = generate(mm, jax.random.fold_in(jax.random.fold_in(rng, k), j), flat, mask, bs)
+      conditional[k][observed] = scorer.conditional(output, observed)
+      if jax.process_index() == 0:
+        scorer.picture("conditional", output, observed, j)
+    logging.info("[eval] k=%d: %d subsets scored (%.0f s so far)", k, len(conditional[k]),
+                 time.perf_counter() - t0)
+
+  empty = jnp.zeros((e.num_unconditional, sum(mm.dims)), jnp.float32)
+  uncond = generate(mm, jax.random.fold_in(rng, UNCONDITIONAL), empty,
+                    np.zeros(len(names), bool), bs)
+  unconditional = scorer.unconditional(uncond)
+  if jax.process_index() == 0:
+    scorer.picture("unconditional", uncond)
+    scorer.picture("reconstruction", recon)
+  metrics, per_subset = scorer.summarise(conditional, unconditional, reconstruction)
+  metrics["time/eval_s"] = time.perf_counter() - t0
+
+  writer.scalars(0, metrics, prefix="eval")
+  writer.json(run_dir.eval_metrics, {"metrics": metrics, "per_subset": per_subset,
+                                     "num_examples": n, "num_unconditional": e.num_unconditional})
+  for key in sorted(metrics):
+    logging.info("[eval] %s = %.4f", key, metrics[key])
+  return metrics
+
+
+def save_examples(config, path, arrays, names, num=8):
+  """PNG of the first `num` training tuples, drawn the data set's way."""
+  if config.data.name == "celeba":
+    from sbmae.eval import sheets  # pylint: disable=g-import-not-at-top
+    return sheets.save_examples(path, arrays, num)
+  return polymnist.save_examples(path, arrays, names, num)
