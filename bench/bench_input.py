@@ -14,7 +14,7 @@ from absl import flags
 import numpy as np
 
 from sbmae.data import mnist
-from sbmae.data import pipeline
+from sbmae.data import input_pipeline
 from sbmae.data import polymnist
 
 flags.DEFINE_string("mnist", "../shared/data/mnist.npz", "MNIST .npz or idx folder.")
@@ -33,7 +33,7 @@ def main(_):
   build_s = time.perf_counter() - t0
   print(f"build PolyMNIST-{FLAGS.num_modalities} (10,000 tuples): {build_s:.2f} s "
         f"({len(split.labels) / build_s:,.0f} tuples/s)")
-  ds = pipeline.dataset(pipeline.modality_arrays(split), FLAGS.batch_size, seed=0,
+  ds = input_pipeline.dataset(input_pipeline.modality_arrays(split), FLAGS.batch_size, seed=0,
                         shard_index=0, shard_count=1)
   for i in range(5):  # warm-up
     ds[i]

@@ -4,13 +4,13 @@ import gzip
 import hashlib
 import pathlib
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import default
 from sbmae.data import mnist
-from sbmae.data import pipeline
+from sbmae.data import input_pipeline
 from sbmae.data import polymnist
 
 SHARED_MNIST = pathlib.Path(__file__).resolve().parents[1] / "../shared/data/mnist.npz"
@@ -38,10 +38,8 @@ def _solid_backgrounds(folder, colours):
 
 
 def _data_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      num_modalities=3, digits="mnist", mnist_path=str(SHARED_MNIST),
-      backgrounds="builtin", released_path=""))
-  config.update(overrides)
+  config = default.get_config().data
+  config.update(num_modalities=3, digits="mnist", mnist_path=str(SHARED_MNIST), **overrides)
   return config
 
 
@@ -219,7 +217,7 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
 def test_pipeline_batches_shuffle_shard_and_resume():
   arrays = {"m0": np.arange(20 * 2, dtype=np.uint8).reshape(20, 2),
             "label": np.arange(20, dtype=np.int32)}
-  ds = pipeline.dataset(arrays, 4, seed=0, shard_index=0, shard_count=1)
+  ds = input_pipeline.dataset(arrays, 4, seed=0, shard_index=0, shard_count=1)
   epoch = np.concatenate([ds[i]["label"] for i in range(5)])
   assert sorted(epoch) == list(range(20))  # one epoch sees every example once
   assert not np.array_equal(epoch, np.arange(20))
@@ -228,9 +226,9 @@ def test_pipeline_batches_shuffle_shard_and_resume():
   batch = ds[2]
   assert batch["m0"].dtype == np.float32 and batch["m0"].max() <= 1.0
   np.testing.assert_allclose(batch["m0"] * 255, arrays["m0"][batch["label"]], atol=1e-4)
-  resumed = pipeline.batches(arrays, 4, seed=0, start_step=7, shard_index=0, shard_count=1)
+  resumed = input_pipeline.batches(arrays, 4, seed=0, start_step=7, shard_index=0, shard_count=1)
   np.testing.assert_array_equal(next(resumed)["label"], ds[7]["label"])
-  shards = [np.concatenate([pipeline.dataset(arrays, 5, seed=0, shard_index=s, shard_count=2)[i]["label"]
+  shards = [np.concatenate([input_pipeline.dataset(arrays, 5, seed=0, shard_index=s, shard_count=2)[i]["label"]
                             for i in range(2)]) for s in range(2)]
   assert not set(shards[0]) & set(shards[1])
   assert set(shards[0]) | set(shards[1]) == set(range(20))

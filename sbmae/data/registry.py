@@ -2,7 +2,7 @@
 
 A data set gives its splits as dicts of arrays, name -> [N, ...], one entry
 per modality plus "label" where there is one: uint8 images (scaled to [0, 1]
-by `pipeline.as_float`), bool for binary modalities (to {0, 1}). It also says
+by `input_pipeline.as_float`), bool for binary modalities (to {0, 1}). It also says
 its modalities and whether coherence needs the digit classifier stage.
 """
 
@@ -11,22 +11,22 @@ from typing import Callable
 
 from sbmae.data import celeba
 from sbmae.data import modalities
-from sbmae.data import pipeline
+from sbmae.data import input_pipeline
 from sbmae.data import polymnist
 
 
 def _polymnist_splits(data_config, cache_dir, seed):
   """PolyMNIST splits (built once, cached), first `num_train` / `num_test` tuples."""
   splits = polymnist.load(data_config, cache_dir, seed)
-  return {"train": pipeline.modality_arrays(splits["train"].take(data_config.num_train)),
-          "test": pipeline.modality_arrays(splits["test"].take(data_config.num_test))}
+  return {"train": input_pipeline.modality_arrays(splits["train"].take(data_config.num_train)),
+          "test": input_pipeline.modality_arrays(splits["test"].take(data_config.num_test))}
 
 
 def _celeba_splits(data_config, cache_dir, seed):
   """CelebAMask-HQ splits (read once from `data.path`, cached).
 
   The reader gives the binary modalities (mask, attrs) as uint8 {0, 1}; they
-  become bool here, which `pipeline.as_float` maps to {0, 1}. The image number
+  become bool here, which `input_pipeline.as_float` maps to {0, 1}. The image number
   ("index") is not a modality and is dropped.
   """
   del seed  # nothing random in reading the release.

@@ -37,6 +37,7 @@ import numpy as np
 
 from sbmae import stages
 from sbmae import training
+from sbmae.data import input_pipeline
 from sbmae.eval import celeba
 from sbmae.eval import polymnist
 
@@ -123,9 +124,7 @@ def run(config, run_dir, mm, test_arrays, writer):
   bs = config.sampling.batch_size
   rng = stages.stage_rng(config, STAGE)
   n = min(e.num_examples, len(test_arrays[names[0]]))
-  truth = {k: jnp.asarray(test_arrays[k][:n], jnp.float32) / 255.0
-           if test_arrays[k].dtype == np.uint8 else jnp.asarray(test_arrays[k][:n], jnp.float32)
-           for k in names}
+  truth = {k: jnp.asarray(input_pipeline.as_float(test_arrays[k][:n])) for k in names}
   labels = np.asarray(test_arrays["label"][:n]) if "label" in test_arrays else None
   scorer = SCORERS[config.data.name](config, run_dir, names, truth, labels)
   t0 = time.perf_counter()

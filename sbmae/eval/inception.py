@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sbmae.data import input_pipeline
 from sbmae.eval import frechet
 
 INPUT_SIZE = 299
@@ -337,9 +338,7 @@ def features(feature_fn, images, batch_size):
   """
   out = []
   for start in range(0, len(images), batch_size):
-    batch = np.asarray(images[start:start + batch_size])
-    if batch.dtype == np.uint8:
-      batch = batch.astype(np.float32) / 255.0
+    batch = input_pipeline.as_float(np.asarray(images[start:start + batch_size]))
     n = len(batch)
     if n < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])

@@ -12,7 +12,7 @@ from PIL import ImageDraw
 
 from sbmae import images
 from sbmae.data import celeba
-from sbmae.data import pipeline
+from sbmae.data import input_pipeline
 
 IMAGE, MASK, ATTRS = celeba.MODALITIES
 THRESHOLD = 0.5  # attributes with p > THRESHOLD are shown as on (as scored).
@@ -91,5 +91,5 @@ def save_sheet(path, output, truth=None, title="", name="sample"):
 
 def save_examples(path, arrays, num=8):
   """PNG of the first `num` tuples of data arrays (uint8 image, bool mask and attrs)."""
-  data = {k: pipeline.as_float(np.asarray(arrays[k][:num])) for k in celeba.MODALITIES}
+  data = {k: input_pipeline.as_float(np.asarray(arrays[k][:num])) for k in celeba.MODALITIES}
   return save_sheet(path, data, title="CelebAMask-HQ training tuples", name="data")

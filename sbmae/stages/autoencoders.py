@@ -28,7 +28,7 @@ from sbmae import models
 from sbmae import stages
 from sbmae import training
 from sbmae.data import modalities as modalities_lib
-from sbmae.data import pipeline
+from sbmae.data import input_pipeline
 from sbmae.models import autoencoder
 
 STAGE = "autoencoders"
@@ -109,7 +109,7 @@ def decode_fn(models):
 def encode_all(encode, params, arrays, names, batch_size=500):
   """Encodes every example: dict name -> float32 [N, d] (numpy)."""
   out = {n: [] for n in names}
-  for batch in pipeline.eval_batches(arrays, batch_size):
+  for batch in input_pipeline.eval_batches(arrays, batch_size):
     z = encode(params, {n: batch[n] for n in names})
     for n in names:
       out[n].append(np.asarray(z[n]))
@@ -149,7 +149,7 @@ def train(config, run, data, modalities, writer):
   c = config.autoencoder
   names = [m.name for m in modalities]
   models, tx, state = _init(config, modalities)
-  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
+  ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
                         seed=stages.stage_seed(config, STAGE))
   state = training.run(
       STAGE, state, training.make_train_step(get_loss_fn(models, modalities, c), tx),
@@ -194,7 +194,7 @@ def load_latents(run):
 def _test_reconstruction(encode, decode, params, arrays, modalities, batch_size=500):
   names = [m.name for m in modalities]
   total, count = dict.fromkeys(names, 0.0), 0
-  for batch in pipeline.eval_batches(arrays, batch_size):
+  for batch in input_pipeline.eval_batches(arrays, batch_size):
     x = {n: batch[n] for n in names}
     out = decode(params, encode(params, x))
     for n in names:
@@ -205,7 +205,7 @@ def _test_reconstruction(encode, decode, params, arrays, modalities, batch_size=
 
 def _save_reconstruction_grid(encode, decode, params, arrays, modalities, path, num=8):
   image_names = [m.name for m in modalities if m.kind == "image"]
-  x = {m.name: pipeline.as_float(arrays[m.name][:num]) for m in modalities}
+  x = {m.name: input_pipeline.as_float(arrays[m.name][:num]) for m in modalities}
   out = decode(params, encode(params, x))
   rows = [np.stack([images.to_uint8(x[n][i]) for n in image_names]
                    + [images.to_uint8(out[n][i]) for n in image_names]) for i in range(num)]

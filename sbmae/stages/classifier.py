@@ -18,7 +18,7 @@ import optax
 from sbmae import stages
 from sbmae import training
 from sbmae.data import modalities
-from sbmae.data import pipeline
+from sbmae.data import input_pipeline
 from sbmae.models import classifier as classifier_model
 
 STAGE = "classifier"
@@ -82,7 +82,7 @@ def accuracy(model, params, arrays, names, batch_size=1000):
   """Per-modality test accuracy: dict name -> float."""
   predict = logits_fn(model)
   correct, total = dict.fromkeys(names, 0), 0
-  for batch in pipeline.eval_batches(arrays, batch_size):
+  for batch in input_pipeline.eval_batches(arrays, batch_size):
     logits = predict(params, {n: batch[n] for n in names})
     for n in names:
       correct[n] += int(jnp.sum(jnp.argmax(logits[n], -1) == batch["label"]))
@@ -121,7 +121,7 @@ def train(config, run, data, writer):
   c = config.classifier
   names = [f"m{k}" for k in range(config.data.num_modalities)]
   model, tx, state = _init(config, names)
-  ds = pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
+  ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
                         seed=stages.stage_seed(config, STAGE))
   state = training.run(
       STAGE, state, training.make_train_step(get_loss_fn(model), tx), ds.__getitem__,

@@ -11,7 +11,7 @@ import numpy as np
 from sbmae import latents as latents_lib
 from sbmae import stages
 from sbmae import training
-from sbmae.data import pipeline
+from sbmae.data import input_pipeline
 from sbmae.diffusion import losses
 from sbmae.diffusion import sde as sde_lib
 from sbmae.models import score
@@ -49,7 +49,7 @@ def train(config, run, latents, names, writer):
   dims = tuple(int(latents[n].shape[-1]) for n in names)
   sde, model, score_fn, tx, state = _init(config, dims)
   flat = np.asarray(latents_lib.flatten(latents, names), np.float32)
-  ds = pipeline.dataset({"z": flat}, training.per_process_batch(c.batch_size),
+  ds = input_pipeline.dataset({"z": flat}, training.per_process_batch(c.batch_size),
                         seed=stages.stage_seed(config, STAGE))
   dsm_loss = losses.get_dsm_loss_fn(sde, model, dims, mask_prob=c.mask_prob, eps=c.eps,
                                     gaussian_base=c.gaussian_base)

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from sbmae import pipeline
 from sbmae import rundir
 from sbmae import stages
+from sbmae.data import input_pipeline
 from sbmae.eval import polymnist
 from sbmae.stages import autoencoders
 from sbmae.stages import classifier as classifier_lib
@@ -47,7 +48,7 @@ def sweep(config, workdir, epsilons, num_examples):
   data, mods = pipeline.load_data(config, run)
   names = [m.name for m in mods]
   test = data["test"]
-  batch = {n: jnp.asarray(test[n][:num_examples], jnp.float32) / 255.0 for n in names}
+  batch = {n: jnp.asarray(input_pipeline.as_float(test[n][:num_examples])) for n in names}
   labels = np.asarray(test["label"][:num_examples])
   ae_models, ae_params, stats = autoencoders.restore(config, run, mods)
   fitted = reduce.restore(run)
