@@ -34,7 +34,7 @@ class MultimodalModel:
   """
 
   def __init__(self, modalities, ae_models, ae_params, stats, reduction, sde, score_fn,
-               prior_params, sampling_config, clean_conditioning=False):
+               prior_params, sampling_config):
     self.modalities = tuple(modalities)
     self.names = tuple(m.name for m in modalities)
     self.ae_params, self.prior_params = ae_params, prior_params
@@ -48,7 +48,8 @@ class MultimodalModel:
     self.sampler = sample_lib.get_sampler(
         sde, score_fn, self.dims, num_steps=sampling_config.num_steps,
         corrector_steps=sampling_config.corrector_steps, snr=sampling_config.snr,
-        eps=sampling_config.eps, clean_conditioning=clean_conditioning)
+        eps=sampling_config.eps, clean_conditioning=sampling_config.clean_conditioning,
+        guidance=sampling_config.guidance)
 
   @functools.partial(jax.jit, static_argnums=0)
   def latents_to_flat(self, latents):

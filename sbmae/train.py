@@ -164,10 +164,10 @@ def build_multimodal(config, workdir):
          if config.reduction.enabled else None)
   dims = ([red.ranks[n] for n in names] if red is not None
           else [config.autoencoder.latent_dim] * len(names))
+  prior.check_sampling_config(config)
   sde, _, score_fn, params = prior.restore(config, workdir, dims)
   return multimodal.MultimodalModel(mods, models, ae_params, stats, red, sde, score_fn,
-                                    params, config.sampling,
-                                    clean_conditioning=config.prior.mask_prob > 0)
+                                    params, config.sampling)
 
 
 def train_and_evaluate(config, workdir):
@@ -197,14 +197,14 @@ def train_and_evaluate(config, workdir):
   if "autoencoders" in stages:
     timed("autoencoders", autoencoders.train, config, workdir, data, mods, writer)
   if {"reduce", "prior"} & set(stages):
-    latents = autoencoders.load_latents(workdir)["train"]
+    latents, test_latents = (autoencoders.load_latents(workdir)[s] for s in ("train", "test"))
   if "reduce" in stages and config.reduction.enabled:
     timed("reduce", _fit_reduction, config, workdir, latents, names)
   if "prior" in stages:
     if config.reduction.enabled:
       red = reduction.Reduction.restore(workdir / REDUCTION_DIR)
-      latents = red.project(latents)
-    timed("prior", prior.train, config, workdir, latents, names, writer)
+      latents, test_latents = red.project(latents), red.project(test_latents)
+    timed("prior", prior.train, config, workdir, latents, names, writer, test_latents)
   if "evaluate" in stages:
     mm = build_multimodal(config, workdir)
     timed("evaluate", evaluator, config, workdir, mm, data["test"], writer)
