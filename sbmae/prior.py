@@ -80,13 +80,11 @@ def get_heldout_eval_fn(sde, model, dims, config, datasets, seed):
 
   @jax.jit
   def per_k(params, data):
-    out = []
-    for k in range(m):
+    def loss_k(k):  # lax.map: the network is compiled once, not M times.
       set_key, loss_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), k))
       clean = losses.random_subsets(set_key, jnp.full((data.shape[0],), k), m)
-      out.append(jnp.mean(per_example(params, loss_key, data, clean,
-                                      jnp.zeros_like(clean))))
-    return jnp.stack(out)
+      return jnp.mean(per_example(params, loss_key, data, clean, jnp.zeros_like(clean)))
+    return jax.lax.map(loss_k, jnp.arange(m))
 
   def eval_fn(params):
     metrics = {}
