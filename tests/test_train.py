@@ -15,6 +15,7 @@ from configs import polymnist as polymnist_config
 from sbmae import autoencoders
 from sbmae import metrics
 from sbmae import multimodal
+from sbmae import prior
 from sbmae import train
 from sbmae import training
 
@@ -127,6 +128,17 @@ def test_bad_config_values_are_named():
     train.train_and_evaluate(config, "/tmp/unused")
   with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['fast'\]"):
     polymnist_config.get_config("quick,fast")
+  # The sampler must not ask for what the prior was not trained on.
+  config = tiny_config()
+  prior.check_sampling_config(config)
+  config.prior.clean_count_dist = "none"
+  with pytest.raises(ValueError, match="clean_conditioning"):
+    prior.check_sampling_config(config)
+  config.sampling.clean_conditioning = False
+  with pytest.raises(ValueError, match="guidance"):
+    prior.check_sampling_config(config)
+  config.sampling.guidance = 0.0
+  prior.check_sampling_config(config)
 
 
 def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
