@@ -87,7 +87,7 @@ def bench_model(name):
                 FLAGS.peak_gflops)
 
   params = state[0]
-  score_fn = score_lib.get_score_fn(sde, model)
+  score_fn = losses.get_score_fn(sde, model)
   x, t, clean = jnp.zeros((b, d)), jnp.full((b,), 0.5), jnp.zeros((b, d))
   score_flops = common.flops(jax.jit(score_fn).lower(params, x, t, clean).compile())
   evals = FLAGS.num_steps * (1 + FLAGS.corrector_steps) + 1

@@ -121,13 +121,27 @@ def get_config():
       warmup_steps=1000,
       grad_clip=1.0,
       ema_decay=0.999,
-      # Probability that a modality is replaced by its clean latent during
-      # training (teaches conditioning explicitly); 0 disables masking.
-      mask_prob=0.0,
+      # Conditioning tasks (sbmae.diffusion.losses): each example keeps k modalities
+      # clean, k = 0..M-1 drawn from `clean_count_dist` ("uniform"; "none":
+      # k = 0 always, an unconditional prior for the replacement sampler; or M
+      # comma-separated weights for k = 0..M-1: "1,5,10,10,5" is the task mix of
+      # the former independent Bernoulli(0.5) masking for M = 5), mixed with
+      # `uncond_share` of examples forced to k = 0; then a uniform random subset
+      # of size k. Every example is averaged over its own diffused coordinates,
+      # so each k gets the share drawn (logged as prior/train/share_k{k}).
+      clean_count_dist="uniform",
+      uncond_share=0.1,
+      # Probability that an example's clean modalities are made absent instead
+      # (classifier-free guidance training; sampling.guidance needs it > 0).
+      absent_prob=0.1,
+      # Held-out denoising loss per k on the first `eval_examples` test latents
+      # (and as many training latents) every `eval_every` steps; 0: off.
+      eval_every=1000,
+      eval_examples=1000,
       eps=1e-5,
-      # Predict eps as std(t) x + network: exact for N(0, I) latents under the
-      # VP-SDE (approximate under VE), so the
-      # network learns only the dependence (sbmae.models.score.get_eps_fn).
+      # Predict eps as std x / (alpha^2 + std^2) + network: E[eps | x_t] for
+      # N(0, I) latents under either SDE, so the network learns only the
+      # dependence (sbmae.models.score.get_eps_fn).
       gaussian_base=True,
   ))
 
@@ -136,6 +150,15 @@ def get_config():
       corrector_steps=1,
       snr=0.16,
       eps=1e-3,
+      # Hold observed modalities clean and flagged (needs prior.clean_count_dist
+      # other than "none"); False: replace them by their diffused values.
+      clean_conditioning=True,
+      # Classifier-free guidance weight w: s_cond + w (s_cond - s_absent), where
+      # s_absent has the observed modalities absent (sbmae.diffusion.sample). 0: unguided.
+      # On the quick config mean conditional coherence rises with w (0.207, 0.301,
+      # 0.365, 0.386 at w = 0, 1, 2, 3) while the Frechet distance of
+      # conditional samples is about level up to w = 2 and grows beyond.
+      guidance=2.0,
       batch_size=500,
   ))
 

@@ -90,6 +90,12 @@ def unflatten(flat, names, dims):
   return dict(zip(names, jnp.split(flat, splits, axis=-1)))
 
 
+# Values of the score network's per-coordinate conditioning input (the
+# `clean_mask` argument of `sbmae.models.score`): a diffused coordinate (to be
+# generated), a clean conditioning value, an absent modality (value zeroed).
+DIFFUSED, CLEAN, ABSENT = 0.0, 1.0, -1.0
+
+
 def modality_mask_to_coords(mask, dims: Sequence[int]):
   """Expands a mask over modalities to a mask over latent coordinates.
 

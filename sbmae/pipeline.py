@@ -80,13 +80,14 @@ def train_and_evaluate(config, workdir):
   if "autoencoders" in todo:
     timed("autoencoders", autoencoders.train, config, run, data, mods, writer)
   if {"reduce", "prior"} & set(todo):
-    latents = autoencoders.load_latents(run)["train"]
+    latents = autoencoders.load_latents(run)
   if "reduce" in todo and config.reduction.enabled:
-    timed("reduce", reduce.train, config, run, latents, names)
+    timed("reduce", reduce.train, config, run, latents["train"], names)
   if "prior" in todo:
     if config.reduction.enabled:
-      latents = reduce.restore(run).project(latents)
-    timed("prior", prior.train, config, run, latents, names, writer)
+      red = reduce.restore(run)
+      latents = {s: red.project(v) for s, v in latents.items()}
+    timed("prior", prior.train, config, run, latents["train"], names, writer, latents["test"])
   if "evaluate" in todo:
     mm = system.build(config, run)
     timed("evaluate", driver.run, config, run, mm, data["test"], writer)

@@ -10,7 +10,7 @@
                                  test_reconstruction.json, reconstructions.png
   W/reduce/                      reduction.json, arrays/, spectra.png, kl_bound.png,
                                  ranks.png, rank_sweep.{json,png}
-  W/prior/                       checkpoints/
+  W/prior/                       checkpoints/, eval_metrics.json
   W/eval/                        metrics.json, pictures of samples
 
 Code never spells these names itself: it asks a `RunDir` for them.
@@ -64,6 +64,8 @@ class RunDir:
                                   "Test MSE per modality.")
   reconstructions = _in_stage("autoencoders", "reconstructions.png",
                               "Inputs, then their reconstructions.")
+  prior_eval = _in_stage("prior", "eval_metrics.json",
+                         "Held-out denoising losses per k during prior training.")
   rank_sweep = _in_stage("reduce", "rank_sweep",
                          "Stem of the rank sweep's .json and .png (`sbmae.tools.rank_sweep`).")
   eval_metrics = _in_stage("evaluate", "metrics.json", "Evaluation metrics.")

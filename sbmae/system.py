@@ -37,7 +37,7 @@ class MultimodalModel:
   """
 
   def __init__(self, modalities, ae_models, ae_params, stats, reduction, sde, score_fn,
-               prior_params, sampling_config, clean_conditioning=False):
+               prior_params, sampling_config):
     self.modalities = tuple(modalities)
     self.names = tuple(m.name for m in modalities)
     self.ae_params, self.prior_params = ae_params, prior_params
@@ -51,7 +51,8 @@ class MultimodalModel:
     self.sampler = sample_lib.get_sampler(
         sde, score_fn, self.dims, num_steps=sampling_config.num_steps,
         corrector_steps=sampling_config.corrector_steps, snr=sampling_config.snr,
-        eps=sampling_config.eps, clean_conditioning=clean_conditioning)
+        eps=sampling_config.eps, clean_conditioning=sampling_config.clean_conditioning,
+        guidance=sampling_config.guidance)
 
   @functools.partial(jax.jit, static_argnums=0)
   def latents_to_flat(self, latents):
@@ -118,9 +119,10 @@ def build(config, run):
   red = reduce.restore(run) if config.reduction.enabled else None
   dims = ([red.ranks[n] for n in names] if red is not None
           else [int(stats.mean[n].shape[0]) for n in names])
+  prior.check_sampling_config(config)
   sde, _, score_fn, params = prior.restore(config, run, dims)
   return MultimodalModel(mods, models, ae_params, stats, red, sde, score_fn, params,
-                         config.sampling, clean_conditioning=config.prior.mask_prob > 0)
+                         config.sampling)
 
 
 def load(workdir, config=None):

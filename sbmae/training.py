@@ -9,6 +9,7 @@ checkpoints every `checkpoint_every` steps and at the end.
 """
 
 import functools
+import json
 import pathlib
 import time
 from typing import Any, Callable
@@ -199,8 +200,16 @@ def check_finite(metrics, step, name):
                              "lower the learning rate or check the inputs")
 
 
+def _eval_history(path, start):
+  """Evaluations logged before `start` by an earlier (interrupted) run of the stage."""
+  if path is None or not pathlib.Path(path).exists():
+    return []
+  return [row for row in json.loads(pathlib.Path(path).read_text()) if row["step"] <= start]
+
+
 def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng,
-        manager, writer=None, log_every=100, checkpoint_every=1000, mesh=None):
+        manager, writer=None, log_every=100, checkpoint_every=1000, mesh=None,
+        eval_fn=None, eval_every=0, eval_path=None):
   """Trains `state` to `num_steps`, resuming from `manager`'s latest checkpoint.
 
   Args:
@@ -218,6 +227,12 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
     mesh: data-parallel mesh (default: all devices); the state is replicated
       and every batch split along its `data` axis, so XLA all-reduces the
       gradients and the global batch does not depend on the device count.
+    eval_fn: optional state -> dict of floats (e.g. held-out losses), run
+      every `eval_every` steps and at the end; logged, written under
+      `{name}/eval` and appended to the JSON file `eval_path` (a list of
+      {"step": s, **metrics}, kept across resumes).
+    eval_every: steps between evaluations (0: none).
+    eval_path: the JSON history file of `eval_fn` (from the stage's RunDir).
 
   Returns:
     The final TrainState.
@@ -231,6 +246,8 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
   start = int(state.step)
   progress = Progress(name, num_steps, start, log_every)
   pending = []
+  evaluate = eval_fn is not None and eval_every > 0
+  history = _eval_history(eval_path, start) if evaluate else []
   try:
     for step in range(start, num_steps):
       batch = shard_batch(batch_fn(step), mesh)
@@ -251,6 +268,16 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
           progress(done, mean)
           if writer is not None:
             writer.scalars(done, mean, prefix=f"{name}/train")
+      if evaluate and (done % eval_every == 0 or done == num_steps):
+        values = eval_fn(state)
+        check_finite(values, done, name)
+        logging.info("[%s] eval at step %d: %s", name, done,
+                     " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+        history.append({"step": done, **values})
+        if writer is not None:
+          writer.scalars(done, values, prefix=f"{name}/eval")
+          if eval_path is not None:
+            writer.json(eval_path, history)
       if save_now:
         manager.save(done, args=ocp.args.StandardSave(state))
   finally:

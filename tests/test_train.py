@@ -6,15 +6,19 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import polymnist as polymnist_config
+from sbmae import metrics
 from sbmae import pipeline
 from sbmae import rundir
 from sbmae import system
 from sbmae import training
 from sbmae.stages import autoencoders
+from sbmae.stages import prior
 
 
 # Tiny sizes for the quick config, as dotted config keys (also passed as
@@ -58,6 +62,15 @@ def test_two_step_pipeline_writes_every_output(tmp_path):
   assert {f"fd_clf/m{k}" for k in range(5)} <= set(result)
   assert all(0.0 <= result[f"coherence/reconstruction_m{k}"] <= 1.0 for k in range(5))
   assert np.isfinite(result["fd_clf/m0"])
+  # The prior's held-out (test latents) and training denoising loss per k, in
+  # the JSON log and in TensorBoard.
+  held_out = json.loads((tmp_path / "prior" / "eval_metrics.json").read_text())
+  assert [row["step"] for row in held_out] == [2]
+  for k in range(5):
+    assert np.isfinite(held_out[0][f"heldout_k{k}"]) and held_out[0][f"heldout_k{k}"] > 0
+    assert np.isfinite(held_out[0][f"train_k{k}"])
+  events = b"".join(p.read_bytes() for p in (tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert b"prior/eval/heldout_k4" in events and b"prior/train/share_k4" in events
   # The saved run can be loaded and used by other code.
   mm = system.load(tmp_path)
   batch = {"m1": np.full((3, 28, 28, 3), 0.5, np.float32)}
@@ -119,6 +132,17 @@ def test_bad_config_values_are_named():
     pipeline.train_and_evaluate(config, "/tmp/unused")
   with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['fast'\]"):
     polymnist_config.get_config("quick,fast")
+  # The sampler must not ask for what the prior was not trained on.
+  config = tiny_config()
+  prior.check_sampling_config(config)
+  config.prior.clean_count_dist = "none"
+  with pytest.raises(ValueError, match="clean_conditioning"):
+    prior.check_sampling_config(config)
+  config.sampling.clean_conditioning = False
+  with pytest.raises(ValueError, match="guidance"):
+    prior.check_sampling_config(config)
+  config.sampling.guidance = 0.0
+  prior.check_sampling_config(config)
 
 
 def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
@@ -164,3 +188,32 @@ def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
   assert all(r["kl_bound"] < r["epsilon"] for r in rows[:-1])
   assert all(0.0 <= r["reconstruction_mean"] <= 1.0 for r in rows)
   assert (tmp_path / "reduced" / "reduce" / "rank_sweep.png").exists()
+
+
+def test_eval_history_survives_a_resume(tmp_path):
+  """`training.run`'s periodic evaluation: logged every eval_every steps and at
+  the end, its JSON history kept when the stage resumes."""
+  tx = optax.sgd(0.1)
+
+  def loss_fn(params, rng, batch):
+    del rng
+    loss = jnp.mean((params["w"] - batch) ** 2)
+    return loss, {"loss": loss}
+
+  writer = metrics.Writer(tmp_path / "tb")
+  state = training.TrainState.create({"w": jnp.zeros(())}, tx)
+  history_path = tmp_path / "toy" / "eval_metrics.json"
+  for num_steps in (5, 6):
+    training.run("toy", state, training.make_train_step(loss_fn, tx),
+                 lambda step: np.ones((4,), np.float32), num_steps=num_steps,
+                 rng=jax.random.PRNGKey(0),
+                 manager=training.checkpoint_manager(tmp_path / "toy" / "checkpoints"),
+                 writer=writer, log_every=1, checkpoint_every=1,
+                 eval_fn=lambda s: {"w": float(s.params["w"])}, eval_every=2,
+                 eval_path=history_path)
+  writer.close()
+  history = json.loads(history_path.read_text())
+  assert [row["step"] for row in history] == [2, 4, 5, 6]
+  # w follows 1 - 0.8^step under SGD on (w - 1)^2.
+  np.testing.assert_allclose([row["w"] for row in history],
+                             [1 - 0.8 ** s for s in (2, 4, 5, 6)], rtol=1e-5)

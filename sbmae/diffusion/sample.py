@@ -9,15 +9,27 @@ size and mask rank); unconditional generation is the all-False mask.
 Method (score_sde's PC sampler with imputation by replacement). On the time
 grid T = t_0 > t_1 > ... > t_K = eps, at each t_i:
   * corrector: `corrector_steps` Langevin steps at t_i,
-  * predictor: one Euler-Maruyama step of the reverse SDE from t_i to t_{i+1},
+  * predictor: one Euler-Maruyama step of the reverse SDE from t_i to t_{i+1}
+    (the last one, into t_K, takes the mean only: fresh noise right before the
+    final denoising would only be partly removed by it),
 and before every score evaluation the observed coordinates are set either to
 the observed latent diffused to t with fresh noise (alpha(t) y + std(t) z), or,
-with `clean_conditioning` (a model trained with modality masking, see
-`sbmae.diffusion.losses.get_dsm_loss_fn`), to the clean observed latent flagged in the model's
-clean mask. At t_K = eps the unobserved coordinates take the denoised mean
-(Tweedie): since x_t = alpha x_0 + std z,
+with `clean_conditioning` (a model trained with conditioning tasks, see
+`sbmae.diffusion.losses`), to the clean observed latent flagged CLEAN in the model's
+conditioning input. At t_K = eps the unobserved coordinates take the denoised
+mean (Tweedie): since x_t = alpha x_0 + std z,
   E[x_0 | x_t] = (x_t + std^2 * grad log p_t(x_t)) / alpha,
 and the observed coordinates return the observed values exactly.
+
+Classifier-free guidance (`guidance` = w > 0, for a model trained with
+`absent_prob` > 0): every score evaluation also asks the model for the score of
+the same unobserved modalities with the observed ones ABSENT (zeroed and
+flagged), i.e. the score of their marginal p_t(x_u), and uses
+  s_cond + w (s_cond - s_uncond),
+the score of p_t(x_u) p_t(x_o | x_u)^(1 + w) (up to normalisation): the
+observation's likelihood sharpened, trading diversity for coherence. Both
+evaluations run as one network call on a batch of 2B. Unconditional generation
+(nothing observed) is unaffected; w = 0 is the unguided sampler exactly.
 
 Replacement is approximate even with the exact score: the unobserved
 coordinates follow the joint score at an observed value that is not
@@ -35,22 +47,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sbmae.latents import ABSENT
+from sbmae.latents import CLEAN
+from sbmae.latents import DIFFUSED
 from sbmae.latents import modality_mask_to_coords
-
 
 def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
                 corrector_steps: int = 1, snr: float = 0.16, eps: float = 1e-3,
-                clean_conditioning: bool = False):
+                clean_conditioning: bool = False, guidance: float = 0.0):
   """Builds the any-subset predictor-corrector sampler.
 
   Args:
     sde: forward SDE (`sbmae.diffusion.sde`), giving sde(), marginal_coeffs(),
       prior_sampling() and langevin_alpha().
     score_fn: score_fn(params, x [B, D], t [B], clean_mask [B, D]) -> [B, D],
-      e.g. from `sbmae.models.score.get_score_fn`.
+      e.g. from `sbmae.diffusion.losses.get_score_fn`; clean_mask holds DIFFUSED,
+      CLEAN or ABSENT per coordinate.
     dims: static per-modality latent sizes.
     num_steps: predictor steps (score evaluations per sample:
-      num_steps * (1 + corrector_steps) + 1).
+      num_steps * (1 + corrector_steps) + 1, each on 2B rows when guided).
     corrector_steps: Langevin steps before each predictor step (0: none).
     snr: Langevin signal-to-noise target. The step size follows score_sde's
       LangevinCorrector, 2 alpha (snr ||z|| / ||score||)^2, with the norms
@@ -59,8 +74,11 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
       step = 2 alpha snr^2 / mean(score_u^2), since E||z_u||^2 = n_u.
     eps: final time; the reverse SDE is integrated from T down to eps.
     clean_conditioning: hold observed coordinates at their clean values and
-      flag them in the model's clean mask (for models trained with
-      mask_prob > 0) instead of diffusing them with fresh noise.
+      flag them CLEAN (for models trained with conditioning tasks) instead of
+      diffusing them with fresh noise.
+    guidance: classifier-free guidance weight w (static; 0: unguided, no
+      extra network evaluations). Needs a model trained with absent
+      modalities.
 
   Returns:
     A jitted sample(rng, params, observed, observed_mask) -> latents [B, D]:
@@ -70,6 +88,7 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     subset.
   """
   dims = tuple(int(d) for d in dims)
+  guided_score_fn = get_guided_score_fn(score_fn, guidance)
   # Static time grid with num_steps intervals, ending exactly at eps.
   times = np.linspace(sde.T, eps, num_steps + 1).astype(np.float32)
 
@@ -79,8 +98,7 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     obs = jnp.broadcast_to(
         modality_mask_to_coords(jnp.asarray(observed_mask, bool), dims),
         observed.shape)
-    clean = obs.astype(observed.dtype) if clean_conditioning else jnp.zeros_like(
-        observed)
+    cond = jnp.where(obs, CLEAN if clean_conditioning else DIFFUSED, DIFFUSED)
     free = 1.0 - obs.astype(observed.dtype)
     num_free = jnp.maximum(free.sum(), 1.0)
 
@@ -93,7 +111,7 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
       return jnp.where(obs, target, x)
 
     def score(x, t):
-      return score_fn(params, x, jnp.full((batch,), t), clean)
+      return guided_score_fn(params, x, jnp.full((batch,), t), cond, obs)
 
     def step(i, x):
       t, t_next = grid[i], grid[i + 1]
@@ -107,13 +125,15 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
             mean_sq, 1e-12)
         z = jax.random.normal(keys[2 * j + 1], x.shape)
         x = x + step_size * g + jnp.sqrt(2.0 * step_size) * z
-      # Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dW, dt < 0.
+      # Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dW, dt < 0;
+      # the last step, right before the final denoising, takes the mean only.
       x = impose(x, t, keys[-2])
       dt = t_next - t
       drift, diffusion = sde.sde(x, jnp.full((batch,), t))
       drift = drift - diffusion ** 2 * score(x, t)
       z = jax.random.normal(keys[-1], x.shape)
-      return x + drift * dt + diffusion * jnp.sqrt(-dt) * z
+      noise_scale = jnp.where(i == num_steps - 1, 0.0, jnp.sqrt(-dt))
+      return x + drift * dt + diffusion * noise_scale * z
 
     grid = jnp.asarray(times)
     init_key, loop_key, final_key = jax.random.split(rng, 3)

@@ -25,15 +25,16 @@ def expand_like(t, x):
   return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
-def _standard_normal_logp(z):
-  """log N(z; 0, I) summed over every axis but the first."""
-  n = np.prod(z.shape[1:])
-  return -0.5 * n * np.log(2 * np.pi) - 0.5 * jnp.sum(
-      z.reshape(z.shape[0], -1) ** 2, axis=-1)
+class _UnitTime:
+  """Both SDEs run on t in [0, T] with T = 1."""
+
+  @property
+  def T(self) -> float:  # pylint: disable=invalid-name
+    return 1.0
 
 
 @dataclasses.dataclass(frozen=True)
-class VPSDE:
+class VPSDE(_UnitTime):
   """Variance-preserving SDE dx = -beta(t)/2 x dt + sqrt(beta(t)) dW.
 
   beta(t) = beta_min + t (beta_max - beta_min) on t in [0, 1]; the marginal is
@@ -44,15 +45,11 @@ class VPSDE:
     beta_min: beta(0).
     beta_max: beta(1).
     N: number of discretisation steps of the DDPM chain this SDE is the limit
-      of; used by `discretize` and `langevin_alpha` only.
+      of; sets the Langevin corrector's step size (`langevin_alpha`).
   """
   beta_min: float = 0.1
   beta_max: float = 20.0
   N: int = 1000
-
-  @property
-  def T(self) -> float:  # pylint: disable=invalid-name
-    return 1.0
 
   def beta(self, t):
     return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -69,16 +66,8 @@ class VPSDE:
     # -expm1 keeps std accurate for small t, where 1 - exp(2 log_alpha) cancels.
     return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
 
-  def marginal_prob(self, x0, t):
-    """Returns (mean, std) of p_t(x_t | x_0); std is broadcastable to x0."""
-    alpha, std = self.marginal_coeffs(t)
-    return expand_like(alpha, x0) * x0, expand_like(std, x0)
-
   def prior_sampling(self, rng, shape, dtype=jnp.float32):
     return jax.random.normal(rng, shape, dtype)
-
-  def prior_logp(self, z):
-    return _standard_normal_logp(z)
 
   def _discrete_betas(self):
     return jnp.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
@@ -86,19 +75,13 @@ class VPSDE:
   def _timestep(self, t):
     return jnp.clip((t * (self.N - 1) / self.T).astype(jnp.int32), 0, self.N - 1)
 
-  def discretize(self, x, t):
-    """DDPM discretisation x_{i+1} = x_i + f + G z; returns (f, G)."""
-    beta = self._discrete_betas()[self._timestep(t)]
-    f = expand_like(jnp.sqrt(1.0 - beta), x) * x - x
-    return f, expand_like(jnp.sqrt(beta), x)
-
   def langevin_alpha(self, t):
     """The `alpha` of score_sde's LangevinCorrector step size: 1 - beta_i."""
     return 1.0 - self._discrete_betas()[self._timestep(t)]
 
 
 @dataclasses.dataclass(frozen=True)
-class VESDE:
+class VESDE(_UnitTime):
   """Variance-exploding SDE dx = sigma(t) sqrt(2 log(sigma_max/sigma_min)) dW.
 
   sigma(t) = sigma_min (sigma_max / sigma_min)^t; the marginal is
@@ -107,15 +90,9 @@ class VESDE:
   Attributes:
     sigma_min: noise scale at t = 0.
     sigma_max: noise scale at t = 1; should exceed the data's diameter.
-    N: number of discretisation steps (SMLD chain), used by `discretize`.
   """
   sigma_min: float = 0.01
   sigma_max: float = 50.0
-  N: int = 1000
-
-  @property
-  def T(self) -> float:  # pylint: disable=invalid-name
-    return 1.0
 
   def sigma(self, t):
     return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
@@ -129,26 +106,8 @@ class VESDE:
     t = jnp.asarray(t, jnp.float32)
     return jnp.ones_like(t), self.sigma(t)
 
-  def marginal_prob(self, x0, t):
-    alpha, std = self.marginal_coeffs(t)
-    return expand_like(alpha, x0) * x0, expand_like(std, x0)
-
   def prior_sampling(self, rng, shape, dtype=jnp.float32):
     return self.sigma_max * jax.random.normal(rng, shape, dtype)
-
-  def prior_logp(self, z):
-    n = np.prod(z.shape[1:])
-    return _standard_normal_logp(z / self.sigma_max) - n * np.log(self.sigma_max)
-
-  def discretize(self, x, t):
-    """SMLD discretisation; returns (f, G)."""
-    sigmas = jnp.exp(jnp.linspace(np.log(self.sigma_min), np.log(self.sigma_max),
-                                  self.N))
-    timestep = jnp.clip((t * (self.N - 1) / self.T).astype(jnp.int32), 0,
-                        self.N - 1)
-    adjacent = jnp.where(timestep == 0, 0.0, sigmas[jnp.maximum(timestep - 1, 0)])
-    g = jnp.sqrt(sigmas[timestep] ** 2 - adjacent ** 2)
-    return jnp.zeros_like(x), expand_like(g, x)
 
   def langevin_alpha(self, t):
     return jnp.ones_like(jnp.asarray(t, jnp.float32))

@@ -1,16 +1,19 @@
 """Score networks for the joint prior over (reduced) latents.
 
 Every network maps (x_t [B, D], t [B], clean_mask [B, D]) to a noise
-prediction eps_hat [B, D]. `clean_mask` is a float per-coordinate flag: 1 where
-the coordinate holds a clean (undiffused) conditioning value, 0 where it is
-diffused; all zeros for unconditional training/sampling.
+prediction eps_hat [B, D]. `clean_mask` is a float per-coordinate conditioning
+state (`sbmae.latents`): CLEAN (1) where the coordinate holds a clean
+(undiffused) conditioning value, DIFFUSED (0) where it is diffused, ABSENT (-1)
+where its modality is left out (the value is ignored; the network zeroes it);
+all zeros for unconditional training/sampling. The networks see it as two
+binary flags per coordinate, clean and absent.
 
 Parametrisation: with the kernel x_t = alpha(t) x_0 + std(t) eps, the noise
-prediction is eps_hat = std(t) x_t + net(x_t, t, clean_mask) (the Gaussian
-base, exact for N(0, I) latents under the VP-SDE; `gaussian_base=False` drops
-it) and the score is
+prediction is eps_hat = std(t) x_t / (alpha(t)^2 + std(t)^2) + net(x_t, t,
+clean_mask) (the Gaussian base: E[eps | x_t] for N(0, I) latents under either
+SDE; `gaussian_base=False` drops it) and the score is
   score(x_t, t) = -eps_hat(x_t, t) / std(t)
-(`get_eps_fn`, `get_score_fn`). Regressing eps with an MSE is denoising score
+(`sbmae.diffusion.losses.get_eps_fn`, `get_score_fn`). Regressing eps with an MSE is denoising score
 matching with the usual std(t)^2 weighting, and keeps the output O(1) at
 every t.
 """
@@ -24,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sbmae import models
-from sbmae.diffusion import sde as sde_lib
+from sbmae.latents import ABSENT
+from sbmae.latents import CLEAN
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -41,6 +45,14 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
+
+
+def _condition_inputs(x, clean_mask):
+  """(x with absent coordinates zeroed, clean flags, absent flags), all like x."""
+  clean_mask = jnp.broadcast_to(clean_mask, x.shape).astype(x.dtype)
+  absent = (clean_mask == ABSENT).astype(x.dtype)
+  return (jnp.where(absent > 0, 0.0, x), (clean_mask == CLEAN).astype(x.dtype),
+          absent)
 
 
 def _time_mlp(t, batch: int, dim: int):
@@ -65,8 +77,7 @@ class ScoreMLP(nn.Module):
   def __call__(self, x, t, clean_mask):
     """Returns eps_hat [B, D] for x [B, D], t [B] (or scalar), clean_mask [B, D]."""
     temb = nn.swish(_time_mlp(t, x.shape[0], self.time_embed_dim))
-    clean_mask = jnp.broadcast_to(clean_mask, x.shape).astype(x.dtype)
-    h = nn.Dense(self.hidden)(jnp.concatenate([x, clean_mask], axis=-1))
+    h = nn.Dense(self.hidden)(jnp.concatenate(_condition_inputs(x, clean_mask), axis=-1))
     for _ in range(self.num_layers):
       r = nn.Dense(self.hidden)(nn.swish(nn.LayerNorm()(h)))
       r = r + nn.Dense(self.hidden)(temb)
@@ -145,8 +156,8 @@ class LatentUNet(nn.Module):
   """SBM-AE style U-Net over latents stacked as image channels; predicts eps.
 
   The M modality latents (each of size d = h * h) are reshaped to
-  [B, h, h, M] (one channel per modality) together with M channels of the
-  clean mask, and processed by a DDPM-like U-Net without attention (at the
+  [B, h, h, M] (one channel per modality) together with M channels of clean
+  flags and M of absent flags, and processed by a DDPM-like U-Net without attention (at the
   8x8 and smaller resolutions used here attention adds little).
 
   Attributes:
@@ -189,10 +200,9 @@ class LatentUNet(nn.Module):
     def to_image(v):  # [B, M*h*h] -> [B, h, h, M]
       return v.reshape(b, m, side, side).transpose(0, 2, 3, 1)
 
-    clean_mask = jnp.broadcast_to(clean_mask, x.shape).astype(x.dtype)
     temb = nn.swish(_time_mlp(t, b, self.time_embed_dim))
     h = Conv3x3(self.width)(
-        jnp.concatenate([to_image(x), to_image(clean_mask)], axis=-1))
+        jnp.concatenate([to_image(v) for v in _condition_inputs(x, clean_mask)], axis=-1))
     skips = [h]
     for level, mult in enumerate(self.mults):
       for _ in range(self.num_res_blocks):
@@ -235,50 +245,3 @@ def get_model(config, dims: Sequence[int]) -> nn.Module:
     raise ValueError(f"Unknown prior model {config['model']!r}; known: {sorted(MODELS)}.")
   fixed = {"dims": tuple(int(d) for d in dims)} if config["model"] == "unet" else {}
   return models.from_config(MODELS[config["model"]], config, **fixed)
-
-
-def get_eps_fn(sde, model: nn.Module, gaussian_base: bool = True):
-  """The noise prediction used by the loss and the sampler.
-
-  With `gaussian_base`, eps_hat(x, t) = std(t) x + net(x, t): std(t) x is the
-  exact noise prediction when the data are N(0, I), which whitened (and
-  reduced) latents are to second order, so the network only learns how the
-  latents depart from independence. Without it an under-trained network has
-  no notion of the identity map at large t and the reverse SDE drifts away.
-
-  Args:
-    sde: the forward SDE (provides std(t)).
-    model: a module called as model.apply({'params': p}, x, t, clean_mask).
-    gaussian_base: add the N(0, I) solution std(t) x.
-
-  Returns:
-    eps_fn(params, x, t, clean_mask) -> eps_hat, shaped like x.
-  """
-  def eps_fn(params, x, t, clean_mask):
-    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-    eps = model.apply({"params": params}, x, t, clean_mask)
-    if gaussian_base:
-      _, std = sde.marginal_coeffs(t)
-      eps = eps + sde_lib.expand_like(std, x) * x
-    return eps
-  return eps_fn
-
-
-def get_score_fn(sde, model: nn.Module, gaussian_base: bool = True):
-  """Wraps an eps-predicting network as a score function.
-
-  Args:
-    sde: the forward SDE (provides std(t)).
-    model: a module called as model.apply({'params': p}, x, t, clean_mask).
-    gaussian_base: see `get_eps_fn`.
-
-  Returns:
-    score_fn(params, x, t, clean_mask) -> -eps_hat / std(t), shaped like x.
-  """
-  eps_fn = get_eps_fn(sde, model, gaussian_base)
-
-  def score_fn(params, x, t, clean_mask):
-    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-    _, std = sde.marginal_coeffs(t)
-    return -eps_fn(params, x, t, clean_mask) / sde_lib.expand_like(std, x)
-  return score_fn

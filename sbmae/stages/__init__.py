@@ -13,7 +13,7 @@ STAGES = ("classifier", "autoencoders", "reduce", "prior", "evaluate")
 # Stage -> offset of its seed from config.seed. Changing one changes every
 # result downstream of that stage; fixed so that runs stay comparable.
 _SEED_OFFSETS = {"classifier": 0, "autoencoders": 1, "reduce": 2, "prior": 3,
-                 "evaluate": 4, "rank_sweep": 5}
+                 "evaluate": 4, "rank_sweep": 5, "prior_eval": 6}
 
 
 def stage_seed(config, name):
