@@ -67,6 +67,10 @@ def get_config():
   ))
 
   config.classifier = ml_collections.ConfigDict(dict(
+      # Shared folder of trained classifiers (an evaluation instrument), keyed
+      # by the data and these settings, so runs on the same data train them
+      # once (sbmae.stages.classifier.cache_folder); empty: in the run folder.
+      cache_dir="~/.cache/sbmae/classifiers",
       width=32,
       num_steps=3000,
       batch_size=256,

@@ -18,6 +18,7 @@ import pytest
 
 from sbmae.diffusion import losses
 from sbmae import latents
+from sbmae import testing
 from sbmae.diffusion import sample as sample_lib
 from sbmae.diffusion import sde as sde_lib
 from sbmae.models import score as score_lib
@@ -39,31 +40,14 @@ MU, SIGMA = _gaussian(DIMS, [0.4, 0.7, 1.0, 1.5, 2.5])
 
 
 def _analytic_score_fn(mu, sigma, sign=1.0):
-  """Score of the VP-diffused N(mu, sigma), via sigma's eigendecomposition."""
-  lam, q = np.linalg.eigh(sigma)
-  lam, q, mu = (jnp.asarray(v, jnp.float32) for v in (lam, q, mu))
-
-  def score_fn(params, x, t, clean_mask):
-    del params, clean_mask
-    a, s = SDE.marginal_coeffs(t)
-    r = (x - a[:, None] * mu) @ q
-    return -sign * (r / (a[:, None] ** 2 * lam + s[:, None] ** 2)) @ q.T
-  return score_fn
-
-
-def _conditional(mu, sigma, coords, y):
-  """Mean and covariance of the unobserved coordinates given x[coords] = y."""
-  o, u = coords, ~coords
-  gain = sigma[np.ix_(u, o)] @ np.linalg.inv(sigma[np.ix_(o, o)])
-  mean = mu[u] + gain @ (y[o] - mu[o])
-  cov = sigma[np.ix_(u, u)] - gain @ sigma[np.ix_(o, u)]
-  return mean, cov, gain
+  """Score of the VP-diffused N(mu, sigma)."""
+  return testing.gaussian_score_fn(SDE, mu, sigma, sign)
 
 
 def _clean_conditional_score_fn(mu, sigma, coords):
   """Exact score of p_t(x_u | clean x_o): N(a m(x_o), a^2 C + s^2 I) on u."""
   u = ~coords
-  _, cov, gain = _conditional(mu, sigma, coords, mu)
+  _, cov, gain = testing.gaussian_conditional(mu, sigma, coords, mu)
   lam, q = np.linalg.eigh(cov)
   lam, q, gain = (jnp.asarray(v, jnp.float32) for v in (lam, q, gain))
   mu_o, mu_u = jnp.asarray(mu[coords], jnp.float32), jnp.asarray(mu[u], jnp.float32)
@@ -178,7 +162,7 @@ def test_conditional_by_replacement_matches_gaussian_conditional():
     x = _run(sampler, y, mask)
     np.testing.assert_array_equal(x[:, coords], np.broadcast_to(
         y[coords].astype(np.float32), (NUM, coords.sum())))
-    mean, cov, _ = _conditional(MU, SIGMA, coords, y)
+    mean, cov, _ = testing.gaussian_conditional(MU, SIGMA, coords, y)
     mean_err, cov_err = _whitened_errors(x[:, ~coords], mean, cov)
     assert mean_err < 0.2 and cov_err < 0.12, (mask, mean_err, cov_err)
 
@@ -224,7 +208,7 @@ def test_clean_conditioning_with_exact_conditional_score():
   mask = np.array([True, False, True])
   coords = np.repeat(mask, DIMS)
   y = _observation()
-  mean, cov, _ = _conditional(MU, SIGMA, coords, y)
+  mean, cov, _ = testing.gaussian_conditional(MU, SIGMA, coords, y)
   sampler = sample_lib.get_sampler(
       SDE, _clean_conditional_score_fn(MU, SIGMA, coords), DIMS,
       num_steps=100, corrector_steps=1, clean_conditioning=True)
@@ -320,7 +304,7 @@ def test_dsm_training_recovers_gaussian():
   y = mu + np.asarray(chol) @ np.random.RandomState(2).randn(4)
   x = sample_lib.get_sampler(SDE, score_fn, dims, clean_conditioning=True)(
       key, params, jnp.broadcast_to(jnp.asarray(y, jnp.float32), (2000, 4)), mask)
-  mean, cov, _ = _conditional(mu, sigma, coords, y)
+  mean, cov, _ = testing.gaussian_conditional(mu, sigma, coords, y)
   mean_err, cov_err = _whitened_errors(np.asarray(x)[:, ~coords], mean, cov)
   assert mean_err < 0.2 and cov_err < 0.25, (mean_err, cov_err)
 

@@ -25,7 +25,7 @@ from sbmae.stages import prior
 # --config.KEY=VALUE flags to the command-line tools).
 TINY = {
     "data.num_train": 256, "data.num_test": 64, "log_every": 1, "checkpoint_every": 1,
-    "classifier.num_steps": 2, "classifier.batch_size": 16,
+    "classifier.num_steps": 2, "classifier.batch_size": 16, "classifier.cache_dir": "",
     "autoencoder.widths": (8, 8, 8), "autoencoder.latent_dim": 16,
     "autoencoder.num_steps": 2, "autoencoder.batch_size": 16,
     "prior.hidden": 32, "prior.num_layers": 1, "prior.num_steps": 2, "prior.batch_size": 16,
@@ -114,6 +114,26 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch):
   _, straight, _ = autoencoders.restore(config, rundir.RunDir(tmp_path / "straight"), mods)
   _, resumed, _ = autoencoders.restore(config, rundir.RunDir(tmp_path / "killed"), mods)
   jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+
+def test_classifier_is_trained_once_per_data_and_settings(tmp_path, monkeypatch):
+  config = tiny_config(classifier=3)
+  config.stage = "classifier"
+  config.classifier.cache_dir = str(tmp_path / "cache")
+  pipeline.train_and_evaluate(config, tmp_path / "first")
+  cached = list((tmp_path / "cache").iterdir())
+  assert len(cached) == 1 and (tmp_path / "first" / "classifier" / "checkpoints").is_symlink()
+  accuracy = (tmp_path / "first" / "classifier" / "test_accuracy.json").read_text()
+
+  def no_training(state, batch, rng):
+    raise AssertionError("trained again despite the cache")
+  monkeypatch.setattr(training, "make_train_step", lambda *args, **kwargs: no_training)
+  pipeline.train_and_evaluate(config, tmp_path / "second")  # loads the cached classifier
+  assert (tmp_path / "second" / "classifier" / "test_accuracy.json").read_text() == accuracy
+  monkeypatch.undo()
+  config.classifier.learning_rate *= 2  # other settings: another classifier.
+  pipeline.train_and_evaluate(config, tmp_path / "third")
+  assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_non_finite_loss_names_the_step(tmp_path):

@@ -9,10 +9,14 @@ in one jitted step (see `sbmae.modalities`). The checkpoint is reused by
 """
 
 import functools
+import hashlib
+import json
+import pathlib
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sbmae import stages
@@ -106,8 +110,51 @@ def restore(config, run, names):
   return model, state.params
 
 
+def cache_folder(config, data):
+  """The shared folder of this data set's classifiers, or None when caching is off.
+
+  The classifiers are an evaluation instrument: the same data and classifier
+  settings give the same networks, so full, reduced and repeated runs can
+  share one training. The folder is named by a SHA-1 of the training and test
+  arrays and of everything that shapes the training (the `classifier`
+  section and the stage's seed).
+  """
+  root = config.classifier.cache_dir
+  if not root:
+    return None
+  digest = hashlib.sha1()
+  for split in ("train", "test"):
+    for name in sorted(data[split]):
+      array = np.ascontiguousarray(data[split][name])
+      digest.update(f"{split}/{name}/{array.dtype}/{array.shape}".encode())
+      digest.update(memoryview(array).cast("B"))
+  settings = {k: v for k, v in config.classifier.items() if k != "cache_dir"}
+  digest.update(json.dumps({"classifier": settings, "seed": stages.stage_seed(config, STAGE)},
+                           sort_keys=True, default=str).encode())
+  return pathlib.Path(root).expanduser() / digest.hexdigest()[:16]
+
+
+def _link_cache(run, folder):
+  """Points the run's classifier checkpoints at the shared cache `folder`."""
+  link = run.checkpoints(STAGE)
+  target = (folder / "checkpoints").absolute()
+  target.mkdir(parents=True, exist_ok=True)
+  if link.is_symlink() and link.resolve() == target.resolve():
+    return
+  if link.exists() or link.is_symlink():
+    logging.info("[classifier] %s exists: training there, not in the cache %s", link, folder)
+    return
+  link.parent.mkdir(parents=True, exist_ok=True)
+  link.symlink_to(target, target_is_directory=True)
+  logging.info("[classifier] checkpoints shared through the cache %s", target)
+
+
 def train(config, run, data, writer):
   """Trains (or resumes, or loads when finished) the classifiers.
+
+  With `config.classifier.cache_dir` set, the checkpoints live in the cache
+  (`cache_folder`), linked from the run folder, so a finished classifier of
+  the same data and settings is loaded instead of trained again.
 
   Args:
     config: full config.
@@ -120,9 +167,13 @@ def train(config, run, data, writer):
   """
   c = config.classifier
   names = [f"m{k}" for k in range(config.data.num_modalities)]
+  # Single-process runs only: other processes would race the link.
+  folder = cache_folder(config, data) if jax.process_count() == 1 else None
+  if folder is not None:
+    _link_cache(run, folder)
   model, tx, state = _init(config, names)
   ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
-                        seed=stages.stage_seed(config, STAGE))
+                              seed=stages.stage_seed(config, STAGE))
   state = training.run(
       STAGE, state, training.make_train_step(get_loss_fn(model), tx), ds.__getitem__,
       num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
