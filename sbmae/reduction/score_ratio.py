@@ -6,7 +6,9 @@ F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"); F needs no
 density. `train_score_ratio` fits s_theta = B_0 x + r(x): a closed-form linear
 term (`linear_fit`, exact for Gaussian latents, shrunk against sampling noise)
 plus a nonlinear residual, with early stopping on held-out F.
-`diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T].
+`diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T];
+`ica_directions` gives the ridge directions' starts; `direction_z_scores` is
+the cross-fitted test that separates structure from estimation noise.
 `sbmae.reduction.reduction` builds the per-modality reduction on top of these;
 the networks are in `sbmae.models.score_ratio`.
 """
