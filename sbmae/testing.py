@@ -78,3 +78,147 @@ def bimodal_eigenvalue(a):
   p = 0.5 * (g_plus + g_minus) / np.sqrt(2 * np.pi * var)
   dlogp = -((y - a) * g_plus + (y + a) * g_minus) / (var * (g_plus + g_minus))
   return float(np.sum(p * (dlogp + y)**2) * (y[1] - y[0]))
+
+
+# Synthetic latents of known structure for the reduction (bench_reduction.py and
+# tests/test_reduction.py). Every block is standardised (mean 0, covariance I),
+# rotated at random, and independent N(0, 1) outside its structured subspace, as
+# unused VAE units are; each structured direction's H eigenvalue is known.
+
+
+def student_t_eigenvalue(nu):
+  """H eigenvalue J - 1 of a unit-variance Student-t direction (nu > 2).
+
+  The Fisher information of t_nu with scale sigma is (nu + 1) / ((nu + 3)
+  sigma^2); unit variance means sigma^2 = (nu - 2) / nu.
+  """
+  return (nu + 1) * nu / ((nu + 3) * (nu - 2)) - 1
+
+
+def correlated_pair_eigenvalue(rho):
+  """H_mm eigenvalue of a direction with correlation rho to another block.
+
+  From H = Sigma - 2 I + Sigma^{-1} for Sigma = [[1, rho], [rho, 1]].
+  """
+  return rho * rho / (1 - rho * rho)
+
+
+# name -> (per block: list of (kind, parameter)) for `synthetic_latents`.
+# kinds: "shared" (2 dims: one 10-class mixture whose class all "shared" blocks
+# share; parameter the within-class variance), "bimodal" (1 dim, parameter a),
+# "student" (1 dim, parameter nu), "pair" (1 dim, correlation with the next
+# block's "pair"; parameter rho).
+STRUCTURES = {
+    # Issue #15: PolyMNIST-like, shared digit + two private bimodal units.
+    "polymnist": [[("shared", 0.1), ("bimodal", 0.97)],
+                  [("shared", 0.1), ("bimodal", 0.97)],
+                  [("shared", 0.1)], [("shared", 0.1)], [("shared", 0.1)]],
+    # Private laws of unequal strength, linear coupling, empty blocks.
+    "private": [[("student", 3.0), ("pair", 0.8)],
+                [("pair", 0.8), ("bimodal", 0.9)],
+                [("bimodal", 0.8), ("student", 4.0)],
+                [], []],
+    # Everything at once, blocks of rank 0..4.
+    "mixed": [[("shared", 0.4), ("bimodal", 0.95), ("pair", 0.7)],
+              [("shared", 0.4), ("pair", 0.7), ("student", 3.0)],
+              [("shared", 0.4)], [], [("pair", 0.9)], [("pair", 0.9)]],
+}
+
+_SHARED_CLASSES = 10
+
+
+def _shared_means(rs, within_var):
+  """10 class means in R^2 with mean 0 and covariance (1 - within_var) I."""
+  mu = rs.randn(_SHARED_CLASSES, 2)
+  mu -= mu.mean(0)
+  w, v = np.linalg.eigh(mu.T @ mu / _SHARED_CLASSES)
+  return mu @ v @ np.diag(np.sqrt((1 - within_var) / w)) @ v.T
+
+
+def synthetic_latents(structure, n, seed, dim=64):
+  """Samples latents of known structure.
+
+  Args:
+    structure: a key of STRUCTURES or a list in its format.
+    n: number of samples.
+    seed: numpy seed (the laws' parameters and the samples).
+    dim: size of every block.
+
+  Returns:
+    (latents, truth, shared): latents name -> [n, dim] float32 (mean 0,
+    covariance I in population); truth name -> (basis [dim, r] orthonormal,
+    the true eigenvalue of each column or None where only `shared_eigenvalues`
+    knows it, the kind of each column); shared name -> (class means [10, 2],
+    within-class variance) of the blocks with a shared mixture.
+  """
+  spec = STRUCTURES[structure] if isinstance(structure, str) else structure
+  rs = np.random.RandomState(seed)
+  labels = rs.randint(_SHARED_CLASSES, size=n)
+  pair = None  # the latent variable of an open "pair"
+  latents, truth, shared = {}, {}, {}
+  for m, parts in enumerate(spec):
+    cols, lams, kinds = [], [], []
+    for kind, p in parts:
+      if kind == "shared":
+        mu = _shared_means(rs, p)
+        shared[f"m{m}"] = (mu, p)
+        cols += [mu[labels] + np.sqrt(p) * rs.randn(n, 2)]
+        lams += [None, None]
+        kinds += ["shared", "shared"]
+        continue
+      if kind == "bimodal":
+        y = rs.choice([-p, p], size=n) + np.sqrt(1 - p * p) * rs.randn(n)
+        lam = bimodal_eigenvalue(p)
+      elif kind == "student":
+        y = rs.standard_t(p, size=n) * np.sqrt((p - 2) / p)
+        lam = student_t_eigenvalue(p)
+      elif kind == "pair":
+        if pair is None:
+          pair = rs.randn(n)
+          y = pair
+        else:
+          y, pair = p * pair + np.sqrt(1 - p * p) * rs.randn(n), None
+        lam = correlated_pair_eigenvalue(p)
+      else:
+        raise ValueError(f"unknown kind {kind!r}")
+      cols.append(y[:, None])
+      lams.append(lam)
+      kinds.append(kind)
+    r = sum(c.shape[1] for c in cols)
+    y = np.concatenate(cols + [rs.randn(n, dim - r)], axis=1)
+    rot = np.linalg.qr(rs.randn(dim, dim))[0]
+    latents[f"m{m}"] = (y @ rot.T).astype(np.float32)
+    truth[f"m{m}"] = (rot[:, :r], lams, kinds)
+  return latents, truth, shared
+
+
+def shared_eigenvalues(latents, truth, shared, num=20000):
+  """Monte Carlo eigenvalues of H_mm on the shared subspaces (exact score).
+
+  With a class shared by all blocks, x_m's score ratio on its 2-d shared part
+  y_m is E[-(y_m - mu_m,c) / v | all blocks] + y_m: the class posterior uses
+  every block's shared coordinates.
+
+  Args:
+    latents, truth, shared: from `synthetic_latents`.
+    num: samples used.
+
+  Returns:
+    name -> the 2 eigenvalues (descending) of H on its shared plane, in the
+    order of the "shared" columns of truth[name].
+  """
+  names = list(shared)
+  ys = {n: latents[n][:num].astype(np.float64) @ truth[n][0][:, :2]
+        for n in names}
+  logp = 0.0
+  for n in names:
+    mu, v = shared[n]
+    logp = logp - np.sum((ys[n][:, None, :] - mu[None]) ** 2, -1) / (2 * v)
+  post = np.exp(logp - logp.max(1, keepdims=True))
+  post /= post.sum(1, keepdims=True)
+  out = {}
+  for n in names:
+    mu, v = shared[n]
+    s = -(ys[n] - post @ mu) / v + ys[n]
+    out[n] = np.sort(np.linalg.eigvalsh(s.T @ s / len(s)))[::-1]
+  return out

@@ -24,7 +24,7 @@ def test_table_rows_hold_each_runs_numbers(tmp_path):
   runs = {
       "full": compare.load_run(_write_run(tmp_path / "a", [0.5, 0.625])),
       "reduced": compare.load_run(_write_run(tmp_path / "b", [0.75, 0.875],
-                                             {"ranks": [3, 4], "kl_bound": 0.4321})),
+                                             {"ranks": [3, 4], "estimated_kl_bound": 0.4321})),
   }
   lines = compare.table(runs).splitlines()
   assert lines[0].split(" | ")[4:6] == ["k=1", "k=2"]

@@ -205,7 +205,7 @@ def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
   assert [r["epsilon"] for r in rows] == [10, 0.1, 0.0001, None]
   totals = [r["total_rank"] for r in rows]
   assert totals == sorted(totals) and totals[-1] == 5 * 16
-  assert all(r["kl_bound"] < r["epsilon"] for r in rows[:-1])
+  assert all(r["estimated_kl_bound"] < r["epsilon"] for r in rows[:-1])
   assert all(0.0 <= r["reconstruction_mean"] <= 1.0 for r in rows)
   assert (tmp_path / "reduced" / "reduce" / "rank_sweep.png").exists()
 

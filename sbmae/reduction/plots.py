@@ -1,8 +1,10 @@
 """PNG plots of a fitted dimension reduction (`sbmae.reduction.reduction.Reduction`).
 
 Each function takes a Reduction and an output path and writes one figure:
-the eigenvalue spectra of the diagnostic blocks H_mm, the KL bound against the
-total rank, and the chosen rank of every modality.
+the eigenvalue spectra of the diagnostic blocks H_mm, the estimated KL bound
+(1/2 x discarded eigenvalues of H for the learned s) against the total rank,
+and the chosen rank of every modality. The held-out objective F of the learned
+s is shown beside the bound: the bound holds for the true score ratio only.
 """
 
 import pathlib
@@ -33,8 +35,16 @@ def _finish_log_plot(fig, ax, xlabel, ylabel, path, ncol=1):
   _save(fig, path)
 
 
+def _held_out_f(reduction):
+  """', held-out F ...' from the fit's statistics, or '' if absent."""
+  f = reduction.stats.get("held_out_objective")
+  return "" if f is None else f"; held-out F {f:.3g}"
+
+
 def bound_curve(reduction):
-  """KL bound of the best ridge approximation of every total rank.
+  """Estimated KL bound of the best ridge approximation of every total rank.
+
+  Directions under the noise floor (`Reduction.signal_dims`) count as 0.
 
   Args:
     reduction: a fitted Reduction.
@@ -43,8 +53,7 @@ def bound_curve(reduction):
     [D + 1] array; entry r is 1/2 * (sum of all pooled eigenvalues but the r
     largest), the bound reached by keeping the r largest over all blocks.
   """
-  pooled = np.concatenate([np.asarray(reduction.eigenvalues[n], np.float64)
-                           for n in reduction.names])
+  pooled = np.concatenate(reduction.signal_eigenvalues)
   pooled = np.sort(np.clip(pooled, 0, None))[::-1]
   tails = np.concatenate([np.cumsum(pooled[::-1])[::-1], [0.0]])
   return 0.5 * tails
@@ -69,7 +78,7 @@ def plot_spectra(reduction, path):
 
 
 def plot_kl_bound(reduction, path):
-  """KL bound versus total rank, with epsilon and the chosen total rank.
+  """Estimated KL bound versus total rank, with epsilon and the chosen rank.
 
   Args:
     reduction: a fitted Reduction.
@@ -82,9 +91,12 @@ def plot_kl_bound(reduction, path):
   ax.axhline(reduction.epsilon, color="gray", ls="--",
              label=f"epsilon = {reduction.epsilon:g}")
   total = sum(reduction.ranks.values())
-  ax.plot([total], [max(reduction.kl_bound, _FLOOR)], "o", color="C3",
-          label=f"chosen: rank {total}, bound {reduction.kl_bound:.3g}")
-  _finish_log_plot(fig, ax, "total rank sum_m r_m", "bound on KL(pi || pi_W) (nats)", path)
+  ax.plot([total], [max(reduction.estimated_kl_bound, _FLOOR)], "o", color="C3",
+          label=f"chosen: rank {total}, estimated bound "
+          f"{reduction.estimated_kl_bound:.3g}")
+  ax.set_title(f"Estimated bound for the learned s{_held_out_f(reduction)}")
+  _finish_log_plot(fig, ax, "total rank sum_m r_m",
+                   "estimated bound on KL(pi || pi_W) (nats)", path)
 
 
 def plot_ranks(reduction, path):
@@ -104,7 +116,8 @@ def plot_ranks(reduction, path):
             va="bottom", fontsize=8)
   ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0)
   ax.set_ylabel("dimensions")
-  ax.set_title(f"Chosen ranks (KL bound {reduction.kl_bound:.3g})")
+  ax.set_title(f"Chosen ranks (estimated KL bound "
+               f"{reduction.estimated_kl_bound:.3g}{_held_out_f(reduction)})")
   ax.legend(fontsize=8)
   _save(fig, path)
 

@@ -6,7 +6,9 @@ F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"); F needs no
 density. `train_score_ratio` fits s_theta = B_0 x + r(x): a closed-form linear
 term (`linear_fit`, exact for Gaussian latents, shrunk against sampling noise)
 plus a nonlinear residual, with early stopping on held-out F.
-`diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T].
+`diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T];
+`ica_directions` gives the ridge directions' starts; `direction_z_scores` is
+the cross-fitted test that separates structure from estimation noise.
 `sbmae.reduction.reduction` builds the per-modality reduction on top of these;
 the networks are in `sbmae.models.score_ratio`.
 """
@@ -34,8 +36,9 @@ PARAMETRISATIONS = ("ridge", "lowrank", "linear_mlp", "mlp")
 class ScoreRatioModel(NamedTuple):
   """Pure functions of a score-ratio parametrisation.
 
-  init(rng, b0) -> params, b0 [D, D] the linear fit (None for "mlp"), stored
-  as params["linear"] and never trained; score(params, x[B, D]) -> s[B, D];
+  init(rng, b0, w0=None) -> params, b0 [D, D] the linear fit (None for
+  "mlp"), stored as params["linear"] and never trained, w0 [D, j] starting
+  directions for the first j columns of W ("ridge", "lowrank"; ignored else); score(params, x[B, D]) -> s[B, D];
   score_and_divergence(params, x[B, D], rng) -> (s[B, D], div s [B]);
   penalty(params) -> the sum of squares that the penalty coefficient scales.
   """
@@ -106,6 +109,88 @@ def linear_fit(x_train, x_held_out, grid):
   return (v * b[best]) @ v.T, names[best], float(f_held[best])
 
 
+@functools.partial(jax.jit, static_argnames=("num", "iterations"))
+def ica_directions(x, rng, *, num, iterations=100):
+  """The `num` most non-Gaussian directions of whitened x [n, d] (FastICA).
+
+  Why: a lone private direction (e.g. a sharply bimodal unit) is a needle for
+  gradient descent on F: a random ridge direction overlaps it by ~1/sqrt(D),
+  where the gradient is nearly flat, and early stopping ends the fit before it
+  is found (measured: a bimodal unit with H eigenvalue 15.9 in 5 x 64 dims is
+  missed with any patience; found when W starts near it). Projection pursuit
+  finds such directions directly: symmetric FastICA with g = tanh, then the
+  components ranked by |E log cosh(w.x) - E log cosh(N(0, 1))|.
+
+  Args:
+    x: [n, d] whitened samples of one block.
+    rng: key for the random orthogonal start.
+    num: directions returned.
+    iterations: fixed-point iterations.
+
+  Returns:
+    [d, num] unit directions, most non-Gaussian first.
+  """
+  d = x.shape[1]
+
+  def orthonormalise(w):
+    u, _, vt = jnp.linalg.svd(w, full_matrices=False)
+    return u @ vt
+
+  def body(_, w):  # rows of w are the directions
+    y = x @ w.T
+    g = jnp.tanh(y)
+    new = g.T @ x / x.shape[0] - jnp.mean(1 - g * g, 0)[:, None] * w
+    return orthonormalise(new)
+
+  w = jax.lax.fori_loop(0, iterations, body,
+                        orthonormalise(jax.random.normal(rng, (d, d))))
+  gauss_logcosh = 0.3745672075  # E log cosh(N(0, 1))
+  contrast = jnp.abs(jnp.mean(jnp.log(jnp.cosh(x @ w.T)), 0) - gauss_logcosh)
+  return w[jnp.argsort(-contrast)[:num]].T
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "batch_size"))
+def direction_z_scores(score_fn, params, x, directions, batch_size):
+  """Cross-fitted test of each direction u: is E[(u.s)(u.s*)] > 0?
+
+  By Stein's identity (integration by parts against pi), for any fixed s and
+  the true score ratio s*: E_pi[(u.s)(u.s*)] = E_pi[(u.s)(u.x) - u.J_s u].
+  The right side needs no s*; on samples that did not fit s, its mean is an
+  unbiased estimate, and it is 0 in a direction where s* has no component, so
+  what s learned there is estimation noise. Returns mean / standard error.
+
+  Args:
+    score_fn: score_fn(params, x[B, D]) -> s[B, D].
+    params: its parameters.
+    x: [n, D] samples not used to fit params.
+    directions: [K, D] unit directions.
+    batch_size: samples per step.
+
+  Returns:
+    (z [K], mean [K]): z-scores and the estimates of E[(u.s)(u.s*)].
+  """
+  xb, wb = _batched(x, batch_size)
+
+  def body(acc, inp):
+    xi, wi = inp
+    f = lambda v: score_fn(params, v)
+    s = f(xi)
+    jvps = jax.vmap(lambda u: jax.jvp(f, (xi,), (jnp.broadcast_to(u, xi.shape),))[1])(
+        directions)  # [K, B, D]
+    stat = (s @ directions.T) * (xi @ directions.T) - jnp.einsum(
+        "kbd,kd->bk", jvps, directions)
+    stat = stat * wi[:, None]
+    return (acc[0] + stat.sum(0), acc[1] + (stat * stat).sum(0)), None
+
+  k = directions.shape[0]
+  (total, total_sq), _ = jax.lax.scan(
+      body, (jnp.zeros(k), jnp.zeros(k)), (xb, wb))
+  n = x.shape[0]
+  mean = total / n
+  var = jnp.maximum(total_sq / n - mean * mean, 1e-12)
+  return mean / jnp.sqrt(var / n), mean
+
+
 def get_model(dim: int, config) -> ScoreRatioModel:
   """The score-ratio model on R^dim chosen by `config.parametrisation`."""
   mode, probes = config.divergence, config.num_probes
@@ -118,10 +203,12 @@ def get_model(dim: int, config) -> ScoreRatioModel:
     net = (RidgeFunctions(k, config.width) if kind == "ridge" else
            MLP(k, config.width, config.depth, zero_output=False))
 
-    def init(rng, b0):
+    def init(rng, b0, w0=None):
       rw, rg = jax.random.split(rng)
-      return {"linear": b0, "A": jnp.zeros((dim, k)),
-              "W": jax.random.normal(rw, (dim, k)) / math.sqrt(dim),
+      w = jax.random.normal(rw, (dim, k)) / math.sqrt(dim)
+      if w0 is not None:
+        w = w.at[:, :min(k, w0.shape[1])].set(w0[:, :k])
+      return {"linear": b0, "A": jnp.zeros((dim, k)), "W": w,
               "g": net.init(rg, jnp.zeros((k,)))["params"]}
 
     def residual(params, x):
@@ -144,7 +231,8 @@ def get_model(dim: int, config) -> ScoreRatioModel:
   elif kind in ("linear_mlp", "mlp"):
     net = MLP(dim, config.width, config.depth)
 
-    def init(rng, b0):
+    def init(rng, b0, w0=None):
+      del w0
       params = {"net": net.init(rng, jnp.zeros((dim,)))["params"]}
       return params if kind == "mlp" else dict(params, linear=b0)
 
@@ -287,13 +375,16 @@ def diagnostic_blocks(score_fn, params, x, dims, batch_size):
   return sums, jnp.sum(wb)
 
 
-def train_score_ratio(x_train, x_held_out, *, rng, config):
+def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
   """Fits s_theta by score-ratio matching with early stopping on held-out F.
 
   Args:
     x_train: [n, D] whitened training samples.
     x_held_out: [m, D] whitened held-out samples.
     rng: PRNG key.
+    dims: block sizes d_m (summing to D); the first W columns of "ridge" and
+      "lowrank" start at each block's `config.ica_directions` most
+      non-Gaussian directions. None: one block.
     config: a `sbmae.reduction.ReductionConfig` (its score-ratio fields).
 
   Returns:
@@ -311,7 +402,16 @@ def train_score_ratio(x_train, x_held_out, *, rng, config):
   penalty = config.penalty * math.sqrt(dim / n)
   loss_fn = get_loss_fn(model, penalty)
   objective_fn = get_objective_fn(model)
-  k_init, k_train, k_eval = jax.random.split(rng, 3)
+  k_init, k_train, k_eval, k_ica = jax.random.split(rng, 4)
+  w0 = None
+  if config.parametrisation in ("ridge", "lowrank") and config.ica_directions:
+    edges = np.cumsum((0,) + tuple(dims or (dim,)))
+    cols = []
+    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+      u = ica_directions(x_train[:, a:b], jax.random.fold_in(k_ica, i),
+                         num=min(config.ica_directions, int(b - a)))
+      cols.append(jnp.zeros((dim, u.shape[1])).at[a:b].set(u))
+    w0 = jnp.concatenate(cols, axis=1)
   schedule = optax.cosine_decay_schedule(config.learning_rate, config.max_steps,
                                          alpha=0.01)
   # Weight decay on the nonlinear kernels only (A, W have their penalty); the
@@ -325,7 +425,7 @@ def train_score_ratio(x_train, x_held_out, *, rng, config):
        "decay": optax.adamw(schedule, weight_decay=config.weight_decay),
        "plain": optax.adam(schedule)}, labels)
   state = train_state.TrainState.create(
-      apply_fn=None, params=model.init(k_init, b0), tx=tx)
+      apply_fn=None, params=model.init(k_init, b0, w0), tx=tx)
   eval_fn = lambda p: float(held_out_objective(
       objective_fn, p, x_held_out, k_eval, config.batch_size))
   # Copies: the state's buffers are donated to train_steps.

@@ -40,7 +40,7 @@ def train(config, run, latents, names):
   t0 = time.perf_counter()
   red = reduction.fit({n: latents[n] for n in names}, epsilon=config.reduction.epsilon,
                       rng=stages.stage_rng(config, STAGE), config=config.reduction)
-  logging.info("[reduce] ranks %s, KL bound %.4f, %.1f s", red.ranks, red.kl_bound,
+  logging.info("[reduce] ranks %s, estimated KL bound %.4f, %.1f s", red.ranks, red.estimated_kl_bound,
                time.perf_counter() - t0)
   if jax.process_index() == 0:
     from sbmae.reduction import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)

@@ -77,7 +77,7 @@ def table(runs):
   ks = sorted({k for m in metrics for k in conditional_ks(m)})
   fds = sorted({key for m in metrics for key in m if key.startswith("fd_clf/")},
                key=lambda s: (len(s), s))  # m2 before m10
-  head = (["run", "latent dims (ranks)", "KL bound", "recon. coh."] + [f"k={k}" for k in ks]
+  head = (["run", "latent dims (ranks)", "est. KL bound", "recon. coh."] + [f"k={k}" for k in ks]
           + ["mean", "uncond."] + [f.replace("fd_clf/", "fd_clf ") for f in fds])
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for label, (m, red) in runs.items():
@@ -85,7 +85,7 @@ def table(runs):
       dims, bound = "full", "-"
     else:
       dims = f"{sum(red['ranks'])} ({'/'.join(str(r) for r in red['ranks'])})"
-      bound = f"{red['kl_bound']:.3f}"
+      bound = f"{red.get('estimated_kl_bound', red.get('kl_bound')):.3f}"
     recon = [v for key, v in m.items() if key.startswith("coherence/reconstruction_")]
     cells = ([label, dims, bound, f"{sum(recon) / len(recon):.3f}" if recon else "-"]
              + [f"{m[f'coherence/conditional_k{k}']:.3f}" if f"coherence/conditional_k{k}" in m

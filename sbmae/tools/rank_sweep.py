@@ -40,7 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def sweep(config, workdir, epsilons, num_examples):
-  """Rows {epsilon, ranks, total_rank, kl_bound, reconstruction_{m}, reconstruction_mean}.
+  """Rows {epsilon, ranks, total_rank, estimated_kl_bound, reconstruction_{m}, reconstruction_mean}.
 
   The last row is the unreduced latent (epsilon None).
   """
@@ -61,17 +61,17 @@ def sweep(config, workdir, epsilons, num_examples):
   for eps in list(epsilons) + [None]:
     if eps is None:
       red, restored = None, latents
-      row = {"epsilon": None, "ranks": [int(fitted.dims[n]) for n in names], "kl_bound": 0.0}
+      row = {"epsilon": None, "ranks": [int(fitted.dims[n]) for n in names], "estimated_kl_bound": 0.0}
     else:
       red = fitted.with_epsilon(eps, config.reduction.min_rank, config.reduction.max_rank)
       restored = red.lift(red.project(latents), rng)
-      row = {"epsilon": eps, "ranks": list(red.rank_tuple), "kl_bound": red.kl_bound}
+      row = {"epsilon": eps, "ranks": list(red.rank_tuple), "estimated_kl_bound": red.estimated_kl_bound}
     acc = polymnist.label_accuracy(clf_logits, clf_params,
                                   decode(ae_params, stats.unwhiten(restored)), labels)
     row.update({f"reconstruction_{n}": a for n, a in acc.items()},
                total_rank=sum(row["ranks"]), reconstruction_mean=float(np.mean(list(acc.values()))))
-    logging.info("epsilon %s: ranks %s (total %d), KL bound %.3f, reconstruction coherence "
-                 "%.3f", eps, row["ranks"], row["total_rank"], row["kl_bound"],
+    logging.info("epsilon %s: ranks %s (total %d), estimated KL bound %.3f, reconstruction coherence "
+                 "%.3f", eps, row["ranks"], row["total_rank"], row["estimated_kl_bound"],
                  row["reconstruction_mean"])
     rows.append(row)
   return rows
