@@ -31,7 +31,7 @@ def build(config, dims):
   """(sde, model, score_fn) for latent block sizes `dims`."""
   sde = sde_lib.get_sde(config.sde)
   model = score.get_model(config.prior, dims)
-  return sde, model, score.get_score_fn(sde, model, config.prior.gaussian_base)
+  return sde, model, losses.get_score_fn(sde, model, config.prior.gaussian_base)
 
 
 def init_params(model, rng, dim):
