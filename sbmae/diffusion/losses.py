@@ -124,7 +124,7 @@ def get_per_example_loss_fn(sde, model, dims: Sequence[int], *, eps: float = 1e-
     dims: static per-modality latent sizes (sum = D).
     eps: smallest diffusion time sampled (avoids std(t) -> 0).
     gaussian_base: predict eps as the N(0, I) solution + network
-      (`score.get_eps_fn`).
+      (`get_eps_fn`).
 
   Returns:
     fn(params, rng, batch [B, D], clean [B, M] bool, absent [B, M] bool) -> [B].
