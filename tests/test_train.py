@@ -18,6 +18,7 @@ from sbmae import rundir
 from sbmae import system
 from sbmae import training
 from sbmae.stages import autoencoders
+from sbmae.tools import rank_sweep
 from sbmae.stages import prior
 
 
@@ -198,16 +199,30 @@ def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
   # Re-choosing ranks without refitting: more dims as epsilon shrinks, full last.
   result = subprocess.run(
       [sys.executable, "-m", "sbmae.tools.rank_sweep", "--config=configs/polymnist.py:quick,reduce",
-       f"--workdir={tmp_path / 'reduced'}", "--epsilons=10,0.1,0.0001", *tiny],
+       f"--workdir={tmp_path / 'reduced'}", "--epsilons=10,0.1,0.0001",
+       "--ceiling_tolerance=1.0", *tiny],
       capture_output=True, text=True, timeout=300, check=False, cwd=repo)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = json.loads((tmp_path / "reduced" / "reduce" / "rank_sweep.json").read_text())
+  sweep = json.loads((tmp_path / "reduced" / "reduce" / "rank_sweep.json").read_text())
+  rows = sweep["rows"]
+  # Any ceiling is within 1.0 of the full one: the smallest rank is chosen.
+  assert sweep["choice"] == rows[0]
   assert [r["epsilon"] for r in rows] == [10, 0.1, 0.0001, None]
   totals = [r["total_rank"] for r in rows]
   assert totals == sorted(totals) and totals[-1] == 5 * 16
   assert all(r["estimated_kl_bound"] < r["epsilon"] for r in rows[:-1])
   assert all(0.0 <= r["reconstruction_mean"] <= 1.0 for r in rows)
   assert (tmp_path / "reduced" / "reduce" / "rank_sweep.png").exists()
+
+
+def test_choose_by_ceiling_takes_the_smallest_rank_that_keeps_enough():
+  rows = [{"epsilon": 1.0, "total_rank": 10, "reconstruction_mean": 0.5},
+          {"epsilon": 0.1, "total_rank": 40, "reconstruction_mean": 0.86},
+          {"epsilon": 0.01, "total_rank": 70, "reconstruction_mean": 0.89},
+          {"epsilon": None, "total_rank": 80, "reconstruction_mean": 0.9}]
+  assert rank_sweep.choose_by_ceiling(rows, 0.05)["epsilon"] == 0.1
+  assert rank_sweep.choose_by_ceiling(rows, 0.02)["epsilon"] == 0.01
+  assert rank_sweep.choose_by_ceiling(rows, 0.001) is None
 
 
 def test_eval_history_survives_a_resume(tmp_path):

@@ -10,6 +10,12 @@ the ranks for every epsilon from the fitted eigenvalues (no refit, no prior:
 accuracy on the result: the reconstruction coherence, the ceiling on
 conditional coherence that a reduction at that epsilon leaves to the prior.
 Writes `RunDir.rank_sweep` .json and .png (in W/reduce).
+
+With `--ceiling_tolerance=T` it also names the choice by what a rank keeps:
+the smallest total rank among the swept epsilons whose reconstruction
+coherence is within T of the full latent's, with its estimated bound and
+ceiling (printed and stored as "choice" in the JSON); pass that epsilon as
+`--config.reduction.epsilon` to fit the prior on it.
 """
 
 import json
@@ -36,6 +42,9 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder with a finished reduce stage.")
 _EPSILONS = flags.DEFINE_list("epsilons", ["1.0", "0.5", "0.2", "0.1", "0.05", "0.02"],
                               "KL targets to evaluate.")
+_TOLERANCE = flags.DEFINE_float("ceiling_tolerance", None,
+                                "Choose the smallest total rank whose reconstruction coherence "
+                                "is within this of the full latent's.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -77,12 +86,40 @@ def sweep(config, workdir, epsilons, num_examples):
   return rows
 
 
+def choose_by_ceiling(rows, tolerance):
+  """The reduced row of smallest total rank whose ceiling is within `tolerance` of full.
+
+  Args:
+    rows: `sweep` output (its last row is the full latent).
+    tolerance: allowed drop of the mean reconstruction coherence.
+
+  Returns:
+    That row, or None when no swept epsilon keeps enough.
+  """
+  full = [r for r in rows if r["epsilon"] is None][0]["reconstruction_mean"]
+  good = [r for r in rows if r["epsilon"] is not None
+          and r["reconstruction_mean"] >= full - tolerance]
+  return min(good, key=lambda r: r["total_rank"]) if good else None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config, run = flags.FLAGS.config, rundir.RunDir(_WORKDIR.value)
   rows = sweep(config, run.root, [float(e) for e in _EPSILONS.value], config.eval.num_examples)
-  run.rank_sweep.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+  result = {"rows": rows}
+  if _TOLERANCE.value is not None:
+    choice = choose_by_ceiling(rows, _TOLERANCE.value)
+    result["choice"] = choice
+    if choice is None:
+      logging.warning("no swept epsilon keeps the ceiling within %g of the full latent's; "
+                      "sweep smaller epsilons", _TOLERANCE.value)
+    else:
+      logging.info("choice within %g of the full ceiling: epsilon %g, total rank %d, "
+                   "estimated KL bound %.3f, reconstruction coherence %.3f", _TOLERANCE.value,
+                   choice["epsilon"], choice["total_rank"], choice["estimated_kl_bound"],
+                   choice["reconstruction_mean"])
+  run.rank_sweep.with_suffix(".json").write_text(json.dumps(result, indent=1))
   from sbmae.reduction import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
   plots.plot_rank_sweep(rows, run.rank_sweep.with_suffix(".png"))
 
