@@ -39,7 +39,7 @@ def _solid_backgrounds(folder, colours):
 
 def _data_config(**overrides):
   config = ml_collections.ConfigDict(dict(
-      num_modalities=3, digits="mnist", mnist_path=str(SHARED_MNIST),
+      num_modalities=3, digits="mnist", mnist_path=str(SHARED_MNIST), mnist_search=(),
       backgrounds="builtin", released_path=""))
   config.update(overrides)
   return config
