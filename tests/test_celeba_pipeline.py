@@ -26,7 +26,7 @@ from sbmae.eval import celeba as eval_celeba
 from sbmae.eval import driver
 from sbmae.eval import inception
 from sbmae.eval import sheets
-from sbmae.data import pipeline
+from sbmae.data import pipeline as data_pipeline
 from sbmae.models import autoencoder
 from sbmae.models import score
 
@@ -146,7 +146,7 @@ def test_loader_gives_binary_modalities_as_bool_and_no_index(raw_root, tmp_path)
                                progress=False)
   np.testing.assert_array_equal(data["test"]["attrs"], expected["test"]["attrs"][:5] == 1)
   np.testing.assert_array_equal(data["train"]["mask"], expected["train"]["mask"] == 1)
-  batch = next(pipeline.batches(data["train"], 4, seed=0))
+  batch = next(data_pipeline.batches(data["train"], 4, seed=0))
   assert set(np.unique(batch["mask"])) <= {0.0, 1.0} and set(np.unique(batch["attrs"])) <= {
       0.0, 1.0}
   assert batch["attrs"].max() == 1.0
