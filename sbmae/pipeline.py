@@ -69,35 +69,32 @@ def _finished_step(directory):
   return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=-1)
 
 
-def _needs(config):
-  """Stage -> [(stage it needs, the output that shows it finished, done?)]."""
-  def outputs(run):
-    return {
-        "classifier": (run.classifier_accuracy, run.classifier_accuracy.exists()),
-        "autoencoders": (run.latents, run.latents.exists() and run.latent_stats.exists()),
-        "reduce": (run.reduction / reduction.SUMMARY_FILE,
-                   (run.reduction / reduction.SUMMARY_FILE).exists()),
-        "prior": (run.checkpoints("prior"),
-                  _finished_step(run.checkpoints("prior")) >= config.prior.num_steps),
-    }
+def _finished(config, run):
+  """Stage -> (the output later stages read, whether it is complete)."""
+  summary = run.reduction / reduction.SUMMARY_FILE
+  prior_dir = run.checkpoints("prior")
+  return {
+      "classifier": (run.classifier_accuracy, run.classifier_accuracy.exists()),
+      "autoencoders": (run.latents, run.latents.exists() and run.latent_stats.exists()),
+      "reduce": (summary, summary.exists()),
+      "prior": (prior_dir, _finished_step(prior_dir) >= config.prior.num_steps),
+  }
+
+
+def check_inputs(config, run, todo):
+  """Raises StageOrderError when a stage in `todo` needs one that is neither done nor to run."""
   reduced = ["reduce"] if config.reduction.enabled else []
   clf = ["classifier"] if registry.get(config.data).needs_classifier else []
   needs = {"classifier": [], "autoencoders": [], "reduce": ["autoencoders"],
            "prior": ["autoencoders", *reduced],
            "evaluate": [*clf, "autoencoders", *reduced, "prior"]}
-  return needs, outputs
-
-
-def check_inputs(config, run, todo):
-  """Raises StageOrderError when a stage in `todo` needs one that is neither done nor to run."""
-  needs, outputs = _needs(config)
-  done = outputs(run)
+  finished = _finished(config, run)
   for stage in todo:
     for need in needs[stage]:
-      if need not in todo and not done[need][1]:
+      if need not in todo and not finished[need][1]:
         raise errors.StageOrderError(
             f"stage {stage} needs the {need} stage: run it first (or drop "
-            f"--config.stage); {done[need][0]} is missing or unfinished in {run.root}")
+            f"--config.stage); {finished[need][0]} is missing or unfinished in {run.root}")
 
 
 def _check_workdir(config, run):
