@@ -339,6 +339,10 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
 
   Returns:
     The fitted Reduction.
+
+  Raises:
+    sbmae.errors.ConfigError, DataError, NonFiniteError: bad arguments
+      (`check_inputs`), before any training.
   """
   cfg = make_config(config)
   names = tuple(latents)
