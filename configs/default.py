@@ -33,6 +33,9 @@ def get_config():
   config.stage = ""
   config.log_every = 100
   config.checkpoint_every = 1000
+  # A workdir remembers its config; re-running it with different values (other
+  # than sbmae.errors.MAY_DIFFER) stops with the keys named unless this is True.
+  config.allow_config_change = False
 
   config.data = ml_collections.ConfigDict(dict(
       name="polymnist",

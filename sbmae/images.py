@@ -5,6 +5,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from sbmae import faults
+
 
 def to_uint8(images):
   """float images in [0, 1] (any leading shape, last axis 1 or 3) -> uint8 RGB."""
@@ -36,5 +38,6 @@ def save_png(path, image, scale=1):
   if scale != 1:
     picture = picture.resize((picture.width * scale, picture.height * scale),
                              Image.Resampling.NEAREST)
-  picture.save(path)
+  with faults.atomic_write(path) as f:  # the pipeline skips pictures that exist
+    picture.save(f, format="PNG")
   return path

@@ -15,6 +15,8 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
+from sbmae import faults
+
 
 def whitening(z, jitter: float = 1e-6):
   """Empirical whitening of one block: x = L^T (z - mu), L L^T the precision.
@@ -67,9 +69,10 @@ class Whitening:
     return {n: self.mean[n] + v @ self.unwhitener[n].T for n, v in x.items()}
 
   def save(self, path):
-    """Writes the three dicts of arrays to one .npz file."""
-    np.savez(path, **{f"{field}/{n}": v for field in ("mean", "whitener", "unwhitener")
-                      for n, v in getattr(self, field).items()})
+    """Writes the three dicts of arrays to one .npz file (atomically)."""
+    with faults.atomic_write(path) as f:
+      np.savez(f, **{f"{field}/{n}": v for field in ("mean", "whitener", "unwhitener")
+                        for n, v in getattr(self, field).items()})
 
   @classmethod
   def load(cls, path):

@@ -2,11 +2,14 @@
 
 Runs every stage of the pipeline in order, each resuming from its own
 checkpoint, so re-running the same command after an interruption continues
-where it stopped. `--config.stage=NAME` runs one stage.
+where it stopped. `--config.stage=NAME` runs one stage. A bad input
+(`sbmae.errors.SbmaeError`) ends the run with its message on one line and
+exit status 1.
 """
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -14,6 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from sbmae import errors
 from sbmae import pipeline
 
 FLAGS = flags.FLAGS
@@ -54,7 +58,10 @@ def main(argv):
   maybe_initialize_distributed()
   logging.info("JAX processes %d/%d, devices %s", jax.process_index(),
                jax.process_count(), jax.devices())
-  pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    pipeline.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except errors.SbmaeError as e:
+    sys.exit(f"sbmae: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

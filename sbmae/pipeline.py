@@ -9,6 +9,10 @@
 
 Each stage resumes from its checkpoint and is skipped when finished; this
 module only orders them, times them and says what a single stage needs.
+Before any work it checks the whole config (`errors.validate_config`), that
+the workdir was made with the same config (`errors.check_same_run`) and that a
+stage run alone (`--config.stage`) finds the stages it needs
+(`errors.StageOrderError`).
 """
 
 import json
@@ -17,12 +21,14 @@ import time
 from absl import logging
 import jax
 
+from sbmae import errors
 from sbmae import metrics
 from sbmae import rundir
 from sbmae import stages
 from sbmae import system
 from sbmae.data import registry
 from sbmae.eval import driver
+from sbmae.reduction import reduction
 from sbmae.stages import autoencoders
 from sbmae.stages import classifier
 from sbmae.stages import prior
@@ -50,15 +56,73 @@ def load_data(config, run):
 def _stages(config):
   if not config.stage:
     return stages.STAGES
-  if config.stage not in stages.STAGES:
-    raise ValueError(f"config.stage={config.stage!r}: expected one of {stages.STAGES}")
+  if config.stage == "reduce" and not config.reduction.enabled:
+    raise errors.ConfigError("config.stage='reduce' with config.reduction.enabled=False "
+                             "has nothing to do; add --config.reduction.enabled=True")
   return (config.stage,)
 
 
+def _finished_step(directory):
+  """The latest committed Orbax step in `directory` (temporary folders ignored), or -1."""
+  if not directory.is_dir():
+    return -1
+  return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=-1)
+
+
+def _finished(config, run):
+  """Stage -> (the output later stages read, whether it is complete)."""
+  summary = run.reduction / reduction.SUMMARY_FILE
+  prior_dir = run.checkpoints("prior")
+  return {
+      "classifier": (run.classifier_accuracy, run.classifier_accuracy.exists()),
+      "autoencoders": (run.latents, run.latents.exists() and run.latent_stats.exists()),
+      "reduce": (summary, summary.exists()),
+      "prior": (prior_dir, _finished_step(prior_dir) >= config.prior.num_steps),
+  }
+
+
+def check_inputs(config, run, todo):
+  """Raises StageOrderError when a stage in `todo` needs one that is neither done nor to run."""
+  reduced = ["reduce"] if config.reduction.enabled else []
+  clf = ["classifier"] if registry.get(config.data).needs_classifier else []
+  needs = {"classifier": [], "autoencoders": [], "reduce": ["autoencoders"],
+           "prior": ["autoencoders", *reduced],
+           "evaluate": [*clf, "autoencoders", *reduced, "prior"]}
+  finished = _finished(config, run)
+  for stage in todo:
+    for need in needs[stage]:
+      if need not in todo and not finished[need][1]:
+        raise errors.StageOrderError(
+            f"stage {stage} needs the {need} stage: run it first (or drop "
+            f"--config.stage); {finished[need][0]} is missing or unfinished in {run.root}")
+
+
+def _check_workdir(config, run):
+  """Refuses a workdir made with another config (see `errors.check_same_run`)."""
+  if not run.config.exists():
+    return
+  started = [s for s in stages.STAGES[:-1] if run.stage(s).exists()]
+  diff = errors.check_same_run(run.load_config(), config, started, run.config)
+  if diff:
+    logging.warning("Continuing %s with a changed config (allow_config_change): %s",
+                    run.root, "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff))
+
+
 def train_and_evaluate(config, workdir):
-  """Runs the configured stages; re-running resumes and skips finished ones."""
+  """Runs the configured stages; re-running resumes and skips finished ones.
+
+  Raises:
+    errors.ConfigError: a config value out of range, or the workdir holds a
+      run of another config (`errors.RunMismatchError`).
+    errors.StageOrderError: `config.stage` names a stage whose inputs are missing.
+    errors.DataError: the data cannot be read.
+  """
+  errors.validate_config(config, stages.STAGES)
+  registry.get(config.data)  # the data set's name, before anything is written
   todo = _stages(config)
   run = rundir.RunDir(workdir)
+  _check_workdir(config, run)
+  check_inputs(config, run, todo)
   if jax.process_index() == 0:
     run.save_config(config)
   writer = metrics.Writer(run.tensorboard)

@@ -21,6 +21,9 @@ import pathlib
 
 import ml_collections
 
+from sbmae import errors
+from sbmae import faults
+
 # Stage name -> its folder (the evaluate stage writes to "eval").
 STAGE_DIRS = {"classifier": "classifier", "autoencoders": "autoencoders",
               "reduce": "reduce", "prior": "prior", "evaluate": "eval"}
@@ -92,13 +95,12 @@ class RunDir:
     return self.stage("evaluate") / f"{label}.png"
 
   def save_config(self, config):
-    """Writes the resolved config as JSON."""
-    self.root.mkdir(parents=True, exist_ok=True)
-    self.config.write_text(config.to_json(indent=1))
+    """Writes the resolved config as JSON (atomically)."""
+    faults.write_text(self.config, config.to_json(indent=1))
 
   def load_config(self):
     """The config a run saved (`save_config`)."""
     if not self.config.exists():
-      raise FileNotFoundError(f"{self.config} not found: {self.root} is not a run folder "
+      raise errors.StageOrderError(f"{self.config} not found: {self.root} is not a run folder "
                               "(run python -m sbmae.main --config=... --workdir=... first)")
     return config_from_json(self.config.read_text())

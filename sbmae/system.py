@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sbmae import errors
 from sbmae import latents as latents_lib
 from sbmae import rundir
 from sbmae.data import registry
@@ -74,8 +75,38 @@ class MultimodalModel:
       latents = self.reduction.lift(latents, rng)
     return latents
 
+  def check_batch(self, batch, required):
+    """Raises DataError unless `batch` holds `required` with this model's shapes.
+
+    Every modality given must be numeric [B, *shape] with one B and finite
+    values; names that are not modalities (e.g. "label") are ignored.
+    """
+    missing = [n for n in required if n not in batch]
+    if missing:
+      raise errors.DataError(f"batch lacks the observed modalities {missing}; "
+                             f"it has {sorted(batch)}")
+    sizes = {}
+    for m in self.modalities:
+      if m.name not in batch:
+        continue
+      x = batch[m.name]
+      shape, dtype = tuple(np.shape(x)), getattr(x, "dtype", np.asarray(x).dtype)
+      if shape[1:] != tuple(m.shape) or not (np.issubdtype(dtype, np.number)
+                                             or dtype == bool):
+        raise errors.DataError(
+            f"modality {m.name!r}: got {dtype} {list(shape)}, expected [B, "
+            f"{', '.join(map(str, m.shape))}] ({m.kind}, values in [0, 1])")
+      errors.check_finite_rows(np.asarray(x), f"modality {m.name!r} of the batch")
+      sizes[m.name] = shape[0]
+    if len(set(sizes.values())) > 1:
+      raise errors.DataError(f"modalities have different batch sizes {sizes}")
+    if not sizes:
+      raise errors.DataError(f"batch holds none of the modalities {self.names}; "
+                             "give at least one to fix the batch size")
+
   def encode(self, batch):
     """dict name -> data [B, ...] for every modality -> flat latent [B, D]."""
+    self.check_batch(batch, self.names)
     z = self._encode_ae(self.ae_params, {n: batch[n] for n in self.names})
     return self.latents_to_flat(self.stats.whiten(z))
 
@@ -98,12 +129,18 @@ class MultimodalModel:
       dict name -> [B, ...]: observed modalities reconstructed through their
       autoencoders, the others generated.
     """
-    size = len(next(iter(batch.values())))
     if isinstance(observed, (list, tuple, set)):
       unknown = set(observed) - set(self.names)
       if unknown:
-        raise ValueError(f"unknown modalities {sorted(unknown)}; known: {self.names}")
+        raise errors.DataError(f"unknown modalities {sorted(unknown)}; known: {self.names}")
       observed = np.array([n in observed for n in self.names])
+    mask = np.asarray(observed, bool)
+    if mask.shape[-1:] != (len(self.names),):
+      raise errors.DataError(f"observed mask has shape {mask.shape}; expected [M] or [B, M] "
+                             f"with M = {len(self.names)}")
+    required = [n for i, n in enumerate(self.names) if mask[..., i].any()]
+    self.check_batch(batch, required)
+    size = len(next(batch[n] for n in self.names if n in batch))
     full = {m.name: batch[m.name] if m.name in batch else
             jnp.zeros((size,) + tuple(m.shape), jnp.float32) for m in self.modalities}
     flat = self.encode(full)

@@ -24,8 +24,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sbmae import errors
+from sbmae import faults
 
-class NonFiniteLossError(FloatingPointError):
+
+class NonFiniteLossError(errors.NonFiniteError):
   """A training loss became NaN or infinite."""
 
 
@@ -86,7 +89,10 @@ def checkpoint_manager(directory, max_to_keep=2):
   """An Orbax CheckpointManager over `directory` (a stage's `RunDir.checkpoints`)."""
   return ocp.CheckpointManager(
       pathlib.Path(directory).absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      # A killed save leaves only a temporary folder, which Orbax never restores
+      # from; cleaning them up keeps the folder tidy.
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True))
 
 
 def restore_latest(manager, target):
@@ -149,13 +155,13 @@ def per_process_batch(global_batch, mesh=None):
   """This process's share of `global_batch`; checks it splits over the mesh."""
   mesh = data_mesh() if mesh is None else mesh
   if global_batch % mesh.size:
-    raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} "
-                     "devices of the data mesh")
+    raise errors.ConfigError(f"batch size {global_batch} is not divisible by the "
+                             f"{mesh.size} devices of the data mesh; choose a multiple")
   return global_batch // jax.process_count()
 
 
 def restore_stage(directory, stage, target):
-  """The latest state of a trained stage; FileNotFoundError naming it if none.
+  """The latest state of a trained stage; StageOrderError naming it if none.
 
   Args:
     directory: the stage's checkpoint folder (`RunDir.checkpoints(stage)`).
@@ -164,7 +170,8 @@ def restore_stage(directory, stage, target):
   """
   state = restore_latest(checkpoint_manager(directory), target)
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}; run the `{stage}` stage first")
+    raise errors.StageOrderError(f"no checkpoint in {directory}; run the `{stage}` stage "
+                                 "first (or drop --config.stage)")
   return state
 
 
@@ -254,6 +261,7 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
       state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       pending.append(metrics)
       done = step + 1
+      faults.point(f"{name}:{done}")
       log_now = done % log_every == 0 or done == num_steps
       save_now = done % checkpoint_every == 0 or done == num_steps
       if log_now or save_now:
@@ -280,6 +288,7 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
             writer.json(eval_path, history)
       if save_now:
         manager.save(done, args=ocp.args.StandardSave(state))
+        faults.point(f"{name}:save:{done}")
   finally:
     # An interrupted run still completes the checkpoint it had started.
     manager.wait_until_finished()

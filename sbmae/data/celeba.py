@@ -39,6 +39,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from sbmae import errors
+
 ATTRIBUTES = (
     "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows",
     "Eyeglasses", "Gray_Hair", "Heavy_Makeup", "Male", "Mouth_Slightly_Open",
@@ -70,11 +72,11 @@ _LOG_EVERY_S = 10.0
 _SERIAL_CHUNK = 64  # images between progress updates without workers.
 
 
-class CelebANotFoundError(FileNotFoundError):
+class CelebANotFoundError(errors.DataError, FileNotFoundError):
   """A folder or file of the raw release is missing."""
 
 
-class CelebADataError(ValueError):
+class CelebADataError(errors.DataError):
   """A file of the raw release is malformed or unreadable."""
 
 

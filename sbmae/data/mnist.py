@@ -13,10 +13,14 @@ when no source is found the error lists every place that was tried.
 import gzip
 import os
 import pathlib
+import zipfile
+import zlib
 
 from absl import logging
 import numpy as np
 from PIL import Image
+
+from sbmae import errors
 
 ENV_VAR = "SBMAE_MNIST"
 _IDX_NAMES = {
@@ -32,22 +36,33 @@ HOW_TO_GET = (
     "use --config.data.digits=sklearn_digits for the small bundled digits.")
 
 
-class MnistNotFoundError(FileNotFoundError):
+class MnistNotFoundError(errors.DataError, FileNotFoundError):
   """No MNIST source could be found or read."""
+
+
+def _bad(where, problem):
+  return errors.DataError(
+      f"{where}: {problem}. This is not a readable MNIST (a truncated download?); "
+      f"fetch it again or point elsewhere. {HOW_TO_GET}")
 
 
 def _read_idx(path):
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    raise _bad(path, f"cannot read it ({type(e).__name__}: {e})") from e
   magic = int.from_bytes(data[:4], "big")
   if magic >> 8 != 0x08:  # 0x08: unsigned byte data.
-    raise ValueError(f"{path}: not an idx-ubyte file (magic {magic:#x})")
+    raise _bad(path, f"not an idx-ubyte file (magic {magic:#x})")
   ndim = magic & 0xFF
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  if len(data) < 4 + 4 * ndim:
+    raise _bad(path, f"{len(data)} bytes, too short for an idx header")
   array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: expected {shape} bytes of data, found {array.size}")
+    raise _bad(path, f"expected {shape} bytes of data, found {array.size}")
   return array.reshape(shape)
 
 
@@ -68,23 +83,41 @@ def _read_path(path):
   if path.is_dir():
     arrays = _read_idx_folder(path)
   elif path.is_file():
-    with np.load(path) as f:
-      missing = [k for k in _IDX_NAMES if k not in f]
-      if missing:
-        raise ValueError(f"{path}: missing arrays {missing}; expected the Keras "
-                         "mnist.npz keys x_train, y_train, x_test, y_test")
-      arrays = {k: f[k] for k in _IDX_NAMES}
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        if not hasattr(f, "files"):
+          raise _bad(path, "a single array, not an .npz archive")
+        missing = [k for k in _IDX_NAMES if k not in f]
+        if missing:
+          raise errors.DataError(f"{path}: missing arrays {missing}; expected the Keras "
+                                 "mnist.npz keys x_train, y_train, x_test, y_test")
+        arrays = {k: f[k] for k in _IDX_NAMES}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+      if isinstance(e, errors.SbmaeError):
+        raise
+      raise _bad(path, f"cannot read it as .npz ({type(e).__name__}: {e})") from e
   else:
     raise MnistNotFoundError(f"MNIST path {path} does not exist. {HOW_TO_GET}")
   return _validated(arrays, str(path))
 
 
 def _validated(arrays, where):
+  """Checks shapes, dtypes and labels; returns uint8 images and int32 labels."""
   for split in ("train", "test"):
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    if x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) != len(y):
-      raise ValueError(f"{where}: {split} images {x.shape} / labels {y.shape} "
-                       "are not [N, 28, 28] / [N]")
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y):
+      raise errors.DataError(f"{where}: {split} images {x.shape} / labels {y.shape} "
+                             "are not [N, 28, 28] / [N]")
+    if x.dtype != np.uint8:
+      raise errors.DataError(f"{where}: {split} images have dtype {x.dtype}; MNIST "
+                             "images are uint8 in 0..255 (convert them first)")
+    if not np.issubdtype(y.dtype, np.integer) or len(y) == 0 or y.min() < 0 or y.max() > 9:
+      raise errors.DataError(f"{where}: {split} labels must be integers 0..9 "
+                             f"(dtype {y.dtype}, {len(y)} labels)")
+  classes = np.unique(arrays["y_train"])
+  if len(classes) < 2:
+    raise errors.DataError(f"{where}: the train split holds only digit(s) {classes.tolist()}; "
+                           "coherence needs at least two classes (MNIST has ten)")
   return {k: np.asarray(v, np.uint8 if k[0] == "x" else np.int32)
           for k, v in arrays.items()}
 

@@ -12,7 +12,6 @@ released layout `{train,test}/m{k}/{index}.{label}.png`.
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import re
 
@@ -20,6 +19,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from sbmae import errors
+from sbmae import faults
 from sbmae.data import mnist as mnist_lib
 
 # Ten colour images that ship with scikit-image / scikit-learn (no download).
@@ -35,7 +36,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _RELEASED_NAME = re.compile(r"^(\d+)\.(\d)\.png$")
 
 
-class PolyMnistError(ValueError):
+class PolyMnistError(errors.DataError):
   """Bad PolyMNIST input (released layout or backgrounds); names the path."""
 
 
@@ -249,15 +250,20 @@ def _save_cache(splits, path, meta):
     for field in dataclasses.fields(Split):
       arrays[f"{split}/{field.name}"] = getattr(data, field.name)
   arrays["meta"] = np.array(json.dumps(meta))
-  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # one per process
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # atomic: a killed run never leaves half a cache.
+  # Atomic (one temporary file per process): a killed run never leaves half a cache.
+  with faults.atomic_write(path) as f:
+    np.savez(f, **arrays)
+    faults.point("data:write")
 
 
 def _load_cache(path):
-  with np.load(path) as f:
-    return {split: Split(*(f[f"{split}/{fld.name}"] for fld in dataclasses.fields(Split)))
-            for split in ("train", "test")}
+  try:
+    with np.load(path) as f:
+      return {split: Split(*(f[f"{split}/{fld.name}"] for fld in dataclasses.fields(Split)))
+              for split in ("train", "test")}
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.DataError(f"data cache {path} is unreadable ({type(e).__name__}: {e}); "
+                           "delete it and re-run to rebuild it") from e
 
 
 def load(data_config, cache_dir, seed):
@@ -288,7 +294,7 @@ def load(data_config, cache_dir, seed):
     elif data_config.digits == "sklearn_digits":
       digits = mnist_lib.load_sklearn_digits(seed=seed)
     else:
-      raise ValueError(f"config.data.digits={data_config.digits!r}: expected "
+      raise errors.ConfigError(f"config.data.digits={data_config.digits!r}: expected "
                        "'mnist' or 'sklearn_digits'")
     splits = build(digits, load_backgrounds(data_config.backgrounds, m), seed)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ its modalities and whether coherence needs the digit classifier stage.
 import dataclasses
 from typing import Callable
 
+from sbmae import errors
 from sbmae.data import celeba
 from sbmae.data import modalities
 from sbmae.data import input_pipeline
@@ -66,8 +67,8 @@ DATASETS = {
 
 
 def get(data_config):
-  """The `DataSet` named by `config.data.name`; ValueError naming the choices."""
+  """The `DataSet` named by `config.data.name`; ConfigError naming the choices."""
   if data_config.name not in DATASETS:
-    raise ValueError(f"config.data.name={data_config.name!r}: expected one of "
+    raise errors.ConfigError(f"config.data.name={data_config.name!r}: expected one of "
                      f"{sorted(DATASETS)}")
   return DATASETS[data_config.name]

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sbmae import faults
 from sbmae import stages
 from sbmae import training
 from sbmae.data import input_pipeline
@@ -147,6 +148,7 @@ def run(config, run_dir, mm, test_arrays, writer):
         scorer.picture("conditional", output, observed, j)
     logging.info("[eval] k=%d: %d subsets scored (%.0f s so far)", k, len(conditional[k]),
                  time.perf_counter() - t0)
+    faults.point(f"evaluate:k{k}")
 
   empty = jnp.zeros((e.num_unconditional, sum(mm.dims)), jnp.float32)
   uncond = generate(mm, jax.random.fold_in(rng, UNCONDITIONAL), empty,

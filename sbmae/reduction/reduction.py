@@ -36,9 +36,12 @@ from absl import logging
 from flax import struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sbmae import errors
+from sbmae import faults
 from sbmae.reduction import score_ratio
 
 
@@ -282,18 +285,20 @@ class Reduction:
     return x
 
   def save(self, path) -> None:
-    """Writes the arrays (Orbax) and names/ranks/bound (JSON) under `path`."""
+    """Writes the arrays (Orbax), then names/ranks/bound (JSON, the "done" marker)."""
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     arrays = {k: getattr(self, k) for k in _ARRAY_FIELDS}
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(path / "arrays", arrays, force=True)
+    faults.point("reduce:summary")
     meta = dict(names=list(self.names), ranks=list(self.rank_tuple),
                 dims=[self.dims[n] for n in self.names],
                 estimated_kl_bound=self.estimated_kl_bound,
                 epsilon=self.epsilon, signal_dims=list(self.signal_dims),
                 stats=self.stats)
-    (path / SUMMARY_FILE).write_text(json.dumps(meta, indent=1))
+    # The summary is the "done" marker: written last, atomically, after the arrays.
+    faults.write_text(path / SUMMARY_FILE, json.dumps(meta, indent=1))
 
   @classmethod
   def restore(cls, path) -> "Reduction":
@@ -335,6 +340,33 @@ def check_whitened(latents: Mapping[str, Any], tolerance: float = 0.5):
           "sbmae.latents.Whitening first (a variance near 0 means a constant direction)")
 
 
+def check_inputs(latents: Mapping[str, Any], epsilon: float, cfg: ReductionConfig):
+  """Raises a named error for bad arguments of `fit`, before any training.
+
+  ConfigError for an epsilon or setting out of range (NaN, negative); DataError
+  for latents that are not [N, d_m] float arrays with one N; NonFiniteError
+  naming the modality and row of a NaN or inf latent.
+  """
+  errors.validate_config(ml_collections.ConfigDict(
+      {"reduction": {**dataclasses.asdict(cfg), "epsilon": epsilon}}))
+  if not latents:
+    raise errors.DataError("reduction.fit: no latents given (a dict name -> [N, d_m])")
+  sizes = {}
+  for n, z in latents.items():
+    z = np.asarray(z)
+    if z.ndim != 2 or not np.issubdtype(z.dtype, np.floating) or z.shape[1] < 1:
+      raise errors.DataError(f"reduction.fit: latents of modality {n!r} have shape "
+                             f"{z.shape} and dtype {z.dtype}; expected float [N, d_m]")
+    errors.check_finite_rows(z, f"reduction.fit: latents of modality {n!r}")
+    sizes[n] = len(z)
+  if len(set(sizes.values())) > 1:
+    raise errors.DataError(f"reduction.fit: modalities have different sample counts {sizes}; "
+                           "row i of every modality must be the same example")
+  if min(sizes.values()) < 4:
+    raise errors.DataError(f"reduction.fit: {min(sizes.values())} samples; need at least 4 "
+                           "(train and held-out)")
+
+
 def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
         config=None) -> Reduction:
   """Fits the per-modality reduction to samples of the whitened latents.
@@ -347,9 +379,14 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
 
   Returns:
     The fitted Reduction.
+
+  Raises:
+    sbmae.errors.ConfigError, DataError, NonFiniteError: bad arguments
+      (`check_inputs`), before any training.
   """
   cfg = make_config(config)
   names = tuple(latents)
+  check_inputs(latents, epsilon, cfg)
   check_whitened(latents)
   x = jnp.concatenate([jnp.asarray(latents[n], jnp.float32) for n in names], axis=-1)
   dims = tuple(int(latents[n].shape[-1]) for n in names)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sbmae import errors
 from sbmae.models.score_ratio import MLP
 from sbmae.models.score_ratio import RidgeFunctions
 
@@ -412,7 +413,9 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
                          num=min(config.ica_directions, int(b - a)))
       cols.append(jnp.zeros((dim, u.shape[1])).at[a:b].set(u))
     w0 = jnp.concatenate(cols, axis=1)
-  schedule = optax.cosine_decay_schedule(config.learning_rate, config.max_steps,
+  # max(1, .): max_steps=0 (the linear fit alone) never steps, but optax
+  # refuses a zero-length schedule.
+  schedule = optax.cosine_decay_schedule(config.learning_rate, max(1, config.max_steps),
                                          alpha=0.01)
   # Weight decay on the nonlinear kernels only (A, W have their penalty); the
   # closed-form linear part stays fixed.
@@ -438,7 +441,9 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
                                  batch_size=config.batch_size, num_steps=num)
     step, f = int(state.step), eval_fn(state.params)
     if not math.isfinite(f):
-      raise FloatingPointError(f"Held-out objective is {f} at step {step}")
+      raise errors.NonFiniteError(
+          f"reduction: held-out objective is {f} at step {step}; lower "
+          "reduction.learning_rate or check the latents")
     if f < best_f:
       best_params = jax.tree.map(jnp.copy, state.params)
       best_f, best_step, bad_evals = f, step, 0

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sbmae import errors
+from sbmae import faults
 from sbmae import images
 from sbmae import latents as latents_lib
 from sbmae import models
@@ -163,6 +165,9 @@ def train(config, run, data, modalities, writer):
 
   encode = encode_fn(models)
   z = {s: encode_all(encode, params, data[s], names) for s in ("train", "test")}
+  for s in z:
+    for n in names:
+      errors.check_finite_rows(z[s][n], f"{s} latents of modality {n!r} ({STAGE} stage)")
   stats = latents_lib.Whitening.fit(z["train"])
   white = {s: {n: np.asarray(v) for n, v in stats.whiten(z[s]).items()} for s in z}
   decode = decode_fn(models)
@@ -174,15 +179,19 @@ def train(config, run, data, modalities, writer):
     writer.json(run.test_reconstruction, test_rec)
     _save_reconstruction_grid(encode, decode, params, data["test"], modalities,
                               run.reconstructions)
+    # latents.npz last: its presence says the stage is finished (atomic writes).
     stats.save(run.latent_stats)
-    tmp = run.latents.with_suffix(".tmp.npz")
-    np.savez(tmp, **{f"{s}/{n}": v for s in white for n, v in white[s].items()})
-    tmp.replace(run.latents)
+    faults.point("autoencoders:latents")
+    with faults.atomic_write(run.latents) as f:
+      np.savez(f, **{f"{s}/{n}": v for s in white for n, v in white[s].items()})
   return models, params, stats
 
 
 def load_latents(run):
   """Whitened latents written by the stage: {"train"|"test": {name: [N, d]}}."""
+  if not run.latents.exists():
+    raise errors.StageOrderError(f"{run.latents} not found; run the `{STAGE}` stage first "
+                                 "(or drop --config.stage)")
   out = {"train": {}, "test": {}}
   with np.load(run.latents) as f:
     for key in f:
