@@ -87,6 +87,10 @@ def get_config():
       blocks_per_stage=1,
       beta=1e-4,  # weight of ||z||^2 (rae) or of the KL term (vae).
       noise_std=0.01,  # rae: Gaussian noise added to z before decoding.
+      # vae: the latents handed on are posterior samples mu + sigma e ("sample",
+      # the aggregate posterior, which matches N(0, I) where the decoder uses
+      # nothing) or the means ("mean").
+      vae_latents="sample",
       num_steps=20000,
       batch_size=256,
       learning_rate=1e-3,

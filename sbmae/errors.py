@@ -122,6 +122,7 @@ RULES = (
     ("autoencoder.blocks_per_stage", *_NONNEG_INT),
     ("autoencoder.beta", *_NONNEG),
     ("autoencoder.noise_std", *_NONNEG),
+    ("autoencoder.vae_latents", *_choice("sample", "mean")),
     ("autoencoder.num_steps", *_POSITIVE_INT),
     ("autoencoder.batch_size", *_POSITIVE_INT),
     ("autoencoder.learning_rate", *_POSITIVE),

@@ -7,7 +7,8 @@
   W/data_examples.png            a few training tuples
   W/classifier/                  checkpoints/, test_accuracy.json
   W/autoencoders/                checkpoints/, latents.npz (whitened), latent_stats.npz,
-                                 test_reconstruction.json, reconstructions.png
+                                 test_reconstruction.json, reconstructions.png,
+                                 latent_usage.json (VAE)
   W/reduce/                      reduction.json, arrays/, spectra.png, kl_bound.png,
                                  ranks.png, rank_sweep.{json,png}
   W/prior/                       checkpoints/, eval_metrics.json
@@ -65,6 +66,8 @@ class RunDir:
   latent_stats = _in_stage("autoencoders", "latent_stats.npz", "The `latents.Whitening`.")
   test_reconstruction = _in_stage("autoencoders", "test_reconstruction.json",
                                   "Test MSE per modality.")
+  latent_usage = _in_stage("autoencoders", "latent_usage.json",
+                           "A VAE's posterior KL per latent dimension and the used count.")
   reconstructions = _in_stage("autoencoders", "reconstructions.png",
                               "Inputs, then their reconstructions.")
   prior_eval = _in_stage("prior", "eval_metrics.json",

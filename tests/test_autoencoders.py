@@ -43,3 +43,20 @@ def test_models_shapes_and_regulariser(kind):
   for m in mods:
     rec = metrics[f"{m.name}/rec_per_dim"] * np.prod(m.shape)
     assert metrics[f"{m.name}/loss"] >= rec - 1e-4
+
+
+def test_vae_latents_are_posterior_samples_and_count_used_directions():
+  config = ml_collections.ConfigDict(dict(kind="vae", latent_dim=4, widths=(8,),
+                                          blocks_per_stage=1, beta=1.0, noise_std=0.0))
+  mods = (modalities.Modality("v", "vector", (6,)),)
+  models = autoencoders.build_models(config, mods)
+  params = autoencoders.init_params(models, mods, jax.random.PRNGKey(0))
+  x = np.random.default_rng(0).uniform(size=(300, 6)).astype(np.float32)
+  samples, kl = autoencoders.posterior_latents(models, params, {"v": x}, ["v"],
+                                               jax.random.PRNGKey(1), batch_size=128)
+  mean, logvar = autoencoders.posterior_fn(models)(params, {"v": jnp.asarray(x)})["v"]
+  z = (samples["v"] - np.asarray(mean)) / np.exp(0.5 * np.asarray(logvar))
+  # The standardised noise is N(0, 1), independent of the posterior mean.
+  assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+  expected = np.mean(0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar), 0)
+  np.testing.assert_allclose(kl["v"], expected, rtol=1e-4, atol=1e-6)

@@ -3,8 +3,10 @@
 Variants (config.autoencoder.kind):
   rae: reconstruction + beta * ||z||^2, Gaussian noise (noise_std) on z before
        decoding (a regularised deterministic autoencoder, as in SBM-AE).
-  vae: reconstruction + beta * KL(q(z|x) || N(0, I)) (beta-VAE); the mean is
-       the latent used downstream.
+  vae: reconstruction + beta * KL(q(z|x) || N(0, I)) (beta-VAE); the latents
+       handed on are posterior samples (`autoencoder.vae_latents`, see
+       `posterior_latents`), and the directions it uses are counted
+       (`RunDir.latent_usage`). Conditioning inputs are encoded by their mean.
 Reconstruction terms are summed over an example's dimensions and averaged over
 the batch: squared error for "mse" modalities (outputs sigmoid(logits)), binary
 cross-entropy for "bernoulli" ones.
@@ -34,6 +36,8 @@ from sbmae.data import input_pipeline
 from sbmae.models import autoencoder
 
 STAGE = "autoencoders"
+# A VAE latent direction counts as used when its posterior KL exceeds this (nats).
+USED_KL_NATS = 0.01
 
 
 def build_models(ae_config, modalities):
@@ -108,6 +112,12 @@ def decode_fn(models):
       for n, m in models.items()}))
 
 
+def posterior_fn(models):
+  """Jitted (params, {name: x}) -> {name: (mean [B, d], log-variance [B, d])} of a VAE."""
+  return jax.jit(functools.partial(modalities_lib.apply_each, {
+      n: (lambda p, x, m=m: m.apply(p, x, method="encode")) for n, m in models.items()}))
+
+
 def encode_all(encode, params, arrays, names, batch_size=500):
   """Encodes every example: dict name -> float32 [N, d] (numpy)."""
   out = {n: [] for n in names}
@@ -116,6 +126,50 @@ def encode_all(encode, params, arrays, names, batch_size=500):
     for n in names:
       out[n].append(np.asarray(z[n]))
   return {n: np.concatenate(v) for n, v in out.items()}
+
+
+def posterior_latents(models, params, arrays, names, rng, batch_size=500):
+  """A VAE's latents as posterior samples z = mu + sigma e, and its KL per dimension.
+
+  The samples follow the aggregate posterior, which the VAE's prior N(0, I)
+  matches: directions the decoder does not use are close to independent
+  N(0, 1) there, and the reduction can discard them at no cost (DESIGN.md,
+  "What the first results taught"); the means would make them near-constant.
+
+  Returns:
+    (dict name -> float32 [N, d] samples, dict name -> mean KL(q(z_i | x) ||
+    N(0, 1)) per dimension [d] in nats).
+  """
+  posterior = posterior_fn(models)
+  samples, kl = {n: [] for n in names}, {n: 0.0 for n in names}
+  count = 0
+  for i, batch in enumerate(input_pipeline.eval_batches(arrays, batch_size)):
+    out = posterior(params, {n: batch[n] for n in names})
+    for k, n in enumerate(names):
+      mean, logvar = out[n]
+      e = jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), k), mean.shape)
+      samples[n].append(np.asarray(mean + jnp.exp(0.5 * logvar) * e))
+      kl[n] = kl[n] + np.asarray(jnp.sum(0.5 * (mean ** 2 + jnp.exp(logvar) - 1 - logvar), 0))
+    count += len(batch[names[0]])
+  return ({n: np.concatenate(v) for n, v in samples.items()},
+          {n: kl[n] / count for n in names})
+
+
+def _encode_splits(config, models, params, data, names):
+  """Latents of both splits (means, or VAE posterior samples) and the VAE's used dims."""
+  c = config.autoencoder
+  if c.kind != "vae" or c.vae_latents == "mean":
+    encode = encode_fn(models)
+    return {s: encode_all(encode, params, data[s], names) for s in ("train", "test")}, None
+  rng = jax.random.fold_in(stages.stage_rng(config, STAGE), 1 << 30)  # not a training step
+  z, kl = {}, None
+  for i, s in enumerate(("train", "test")):
+    z[s], split_kl = posterior_latents(models, params, data[s], names,
+                                       jax.random.fold_in(rng, i))
+    kl = split_kl if s == "test" else kl
+  usage = {"used_dims": {n: int(np.sum(kl[n] > USED_KL_NATS)) for n in names},
+           "kl_per_dim": {n: [float(v) for v in kl[n]] for n in names}}
+  return z, usage
 
 
 def _init(config, modalities):
@@ -164,7 +218,11 @@ def train(config, run, data, modalities, writer):
     return models, params, latents_lib.Whitening.load(run.latent_stats)
 
   encode = encode_fn(models)
-  z = {s: encode_all(encode, params, data[s], names) for s in ("train", "test")}
+  z, usage = _encode_splits(config, models, params, data, names)
+  if usage is not None:
+    logging.info("[autoencoders] VAE latent directions used (test KL > %g nats): %s",
+                 USED_KL_NATS, usage["used_dims"])
+    writer.json(run.latent_usage, usage)
   for s in z:
     for n in names:
       errors.check_finite_rows(z[s][n], f"{s} latents of modality {n!r} ({STAGE} stage)")
