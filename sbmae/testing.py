@@ -2,11 +2,33 @@
 
 Closed forms the code is checked against: the diffused score of a Gaussian,
 its conditionals, the diagnostic matrix H of a Gaussian, and the H eigenvalue
-of a symmetric two-component mixture.
+of a symmetric two-component mixture; and the moment check of samples
+against a Gaussian.
 """
 
 import jax.numpy as jnp
 import numpy as np
+
+
+def random_gaussian(dim, eigenvalues, seed=0):
+  """(mu [dim], sigma [dim, dim]): a Gaussian with the given covariance spectrum.
+
+  The eigenvectors are a seeded random rotation and mu is spread over
+  [-1, 2], so no coordinate is special.
+  """
+  q, _ = np.linalg.qr(np.random.RandomState(seed).randn(dim, dim))
+  return np.linspace(-1.0, 2.0, dim), q @ np.diag(eigenvalues) @ q.T
+
+
+def whitened_errors(x, mean, cov):
+  """(max |whitened mean|, max |whitened covariance - I|) of samples x [N, d].
+
+  Samples of N(mean, cov) give errors of order 1/sqrt(N) in these units.
+  """
+  w = np.linalg.solve(np.linalg.cholesky(cov), (x - mean).T).T
+  d = len(mean)
+  return (np.abs(w.mean(0)).max(),
+          np.abs(np.cov(w.T).reshape(d, d) - np.eye(d)).max())
 
 
 def gaussian_score_fn(sde, mu, sigma, sign=1.0):

@@ -25,19 +25,20 @@ from sbmae.data import registry
 from sbmae.reduction import reduction
 from sbmae.stages import autoencoders
 from sbmae.stages import prior
-from tests.test_train import TINY
-from tests.test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 
 
-def _cli(workdir, *flags):
-  tiny = [f"--config.{k}={v}" for k, v in TINY.items()]
-  return subprocess.run(
-      [sys.executable, "-m", "sbmae.main", "--config=configs/polymnist.py:quick",
-       f"--workdir={workdir}", *tiny, *flags],
-      capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+@pytest.fixture
+def cli(tiny):
+  """cli(workdir, *flags): `python -m sbmae.main` on the quick config at TINY sizes."""
+  def run(workdir, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "sbmae.main", "--config=configs/polymnist.py:quick",
+         f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in tiny.items()], *flags],
+        capture_output=True, text=True, timeout=300, check=False, cwd=REPO)
+  return run
 
 
 def _truncated_mnist(tmp_path):
@@ -53,9 +54,9 @@ def _truncated_mnist(tmp_path):
   return bad
 
 
-def test_truncated_mnist_on_the_command_line_is_named(tmp_path):
+def test_truncated_mnist_on_the_command_line_is_named(tmp_path, cli):
   bad = _truncated_mnist(tmp_path)
-  result = _cli(tmp_path / "run", "--config.data.digits=mnist",
+  result = cli(tmp_path / "run", "--config.data.digits=mnist",
                 f"--config.data.mnist_path={bad}")
   assert result.returncode == 1, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
@@ -64,8 +65,8 @@ def test_truncated_mnist_on_the_command_line_is_named(tmp_path):
   assert not list((tmp_path / "run").glob("data/*.npz"))  # no cache a rerun would trust
 
 
-def test_stage_without_its_inputs_on_the_command_line_is_named(tmp_path):
-  result = _cli(tmp_path / "run", "--config.stage=prior")
+def test_stage_without_its_inputs_on_the_command_line_is_named(tmp_path, cli):
+  result = cli(tmp_path / "run", "--config.stage=prior")
   assert result.returncode == 1
   assert ("StageOrderError: stage prior needs the autoencoders stage: run it first "
           "(or drop --config.stage)") in result.stderr
@@ -74,7 +75,7 @@ def test_stage_without_its_inputs_on_the_command_line_is_named(tmp_path):
 
 @pytest.mark.parametrize("stage,needs", [("reduce", "autoencoders"), ("evaluate", "classifier"),
                                          ("prior", "autoencoders")])
-def test_stage_order(tmp_path, stage, needs):
+def test_stage_order(tmp_path, stage, needs, tiny_config):
   config = tiny_config()
   config.stage = stage
   config.reduction.enabled = True
@@ -97,7 +98,7 @@ def _set(config, key, value):
     ("log_every", 0), ("autoencoder.kind", "gan"), ("sde.beta_max", 0.05),
     ("reduction.max_rank", 0), ("data.num_modalities", 1), ("stage", "priors"),
 ])
-def test_config_values_out_of_range_are_named(tmp_path, key, value):
+def test_config_values_out_of_range_are_named(tmp_path, key, value, tiny_config):
   config = _set(tiny_config(), key, value)
   config.reduction.min_rank = 1
   with pytest.raises(errors.ConfigError, match=rf"config\.{key}="):
@@ -105,7 +106,7 @@ def test_config_values_out_of_range_are_named(tmp_path, key, value):
   assert not (tmp_path / "run").exists()  # checked before anything is written
 
 
-def test_workdir_of_another_config_is_refused_unless_asked(tmp_path):
+def test_workdir_of_another_config_is_refused_unless_asked(tmp_path, tiny_config):
   config = tiny_config()
   run = rundir.RunDir(tmp_path)
   run.save_config(config)
@@ -201,11 +202,11 @@ def test_reduction_max_steps_zero_is_the_linear_fit_alone():
   assert red.stats["train_steps"] == 0
   assert red.stats["held_out_objective"] == pytest.approx(
       red.stats["linear_held_out_objective"], rel=1e-5)
-  assert red.ranks["a"] >= 1 and np.isfinite(red.kl_bound)
+  assert red.ranks["a"] >= 1 and np.isfinite(red.estimated_kl_bound)
 
 
 @pytest.fixture(scope="module")
-def untrained_model():
+def untrained_model(tiny_config):
   """A MultimodalModel with freshly initialised parameters (shapes are what count)."""
   config = tiny_config()
   config.data.num_modalities = 2

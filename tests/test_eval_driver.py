@@ -174,3 +174,9 @@ def test_polymnist_coherence_by_hand():
   assert metrics["coherence/unconditional"] == 0.5 and metrics["fd_clf/m0"] == 3.0
   assert metrics["coherence/reconstruction_m2"] == 0.25
   assert per_subset == {"m0": 0.625, "m1": 1.0, "m2": 0.0, "m1+m2": 0.25}
+
+
+def test_every_proper_subset_is_evaluated():
+  rng = np.random.default_rng(0)
+  assert [s for k in (1, 2) for s in driver.subsets_of_size(3, k, -1, rng)] == [
+      (0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]

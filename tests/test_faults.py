@@ -29,14 +29,9 @@ import sys
 import pytest
 
 from sbmae import faults
-from tests.test_train import TINY
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
-OVERRIDES = {**TINY, "data.num_modalities": 2, "eval.max_subsets": 1,
-             "classifier.num_steps": STEPS, "autoencoder.num_steps": STEPS,
-             "prior.num_steps": STEPS, "reduction.max_steps": 20,
-             "reduction.batch_size": 64, "reduction.eval_every": 10}
 
 
 def _training_points(stage, extra=()):
@@ -56,6 +51,16 @@ POINTS = {
 
 
 @pytest.fixture(scope="module")
+def flags(tiny):
+  """The command-line overrides of every run here: TINY, 2 modalities, the reduction."""
+  overrides = {**tiny, "data.num_modalities": 2, "eval.max_subsets": 1,
+             "classifier.num_steps": STEPS, "autoencoder.num_steps": STEPS,
+             "prior.num_steps": STEPS, "reduction.max_steps": 20,
+             "reduction.batch_size": 64, "reduction.eval_every": 10}
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp("jax_cache")
   out = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
@@ -66,8 +71,7 @@ def env(tmp_path_factory):
   return out
 
 
-def _run(workdir, env, fault=None):
-  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+def _run(workdir, env, flags, fault=None):
   env = dict(env, **({faults.ENV_VAR: fault} if fault else {}))
   return subprocess.run(
       [sys.executable, "-m", "sbmae.main", "--config=configs/polymnist.py:quick,reduce",
@@ -82,18 +86,18 @@ def _metrics(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
+def reference(tmp_path_factory, env, flags):
   workdir = tmp_path_factory.mktemp("reference")
-  result = _run(workdir, env)
+  result = _run(workdir, env, flags)
   assert result.returncode == 0, result.stderr[-3000:]
   return _metrics(workdir)
 
 
-def test_killed_anywhere_then_rerun_gives_the_same_metrics(tmp_path, env, reference):
+def test_killed_anywhere_then_rerun_gives_the_same_metrics(tmp_path, env, flags, reference):
   rng = random.Random(int(os.environ.get("SBMAE_FAULT_SEED", "0")))
   chain = [rng.choice(points) for points in POINTS.values()]
   for fault in chain:
-    result = _run(tmp_path, env, fault)
+    result = _run(tmp_path, env, flags, fault)
     assert result.returncode == -signal.SIGKILL, (
         f"{fault} (chain {chain}) did not kill the run: {result.stderr[-3000:]}")
     # What the killed run was writing is not there under its final name.
@@ -105,7 +109,7 @@ def test_killed_anywhere_then_rerun_gives_the_same_metrics(tmp_path, env, refere
       assert not (tmp_path / "reduce" / "reduction.json").exists()
     if fault.startswith("evaluate"):
       assert not (tmp_path / "eval" / "metrics.json").exists()
-  result = _run(tmp_path, env)
+  result = _run(tmp_path, env, flags)
   assert result.returncode == 0, f"chain {chain}: {result.stderr[-3000:]}"
   metrics, per_subset = _metrics(tmp_path)
   assert metrics == reference[0], f"chain {chain}"

@@ -1,4 +1,5 @@
-"""End-to-end tests of the pipeline on the quick config (tiny sizes, 2 steps)."""
+"""End-to-end tests of sbmae.pipeline on the quick config (tiny sizes, 2 steps).
+"""
 
 import json
 import pathlib
@@ -6,47 +7,22 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import polymnist as polymnist_config
-from sbmae import metrics
 from sbmae import pipeline
-from sbmae import rundir
 from sbmae import system
 from sbmae import training
-from sbmae.stages import autoencoders
 from sbmae.tools import rank_sweep
 from sbmae.stages import prior
 
 
 # Tiny sizes for the quick config, as dotted config keys (also passed as
 # --config.KEY=VALUE flags to the command-line tools).
-TINY = {
-    "data.num_train": 256, "data.num_test": 64, "log_every": 1, "checkpoint_every": 1,
-    "classifier.num_steps": 2, "classifier.batch_size": 16, "classifier.cache_dir": "",
-    "autoencoder.widths": (8, 8, 8), "autoencoder.latent_dim": 16,
-    "autoencoder.num_steps": 2, "autoencoder.batch_size": 16,
-    "prior.hidden": 32, "prior.num_layers": 1, "prior.num_steps": 2, "prior.batch_size": 16,
-    "sampling.num_steps": 3, "sampling.batch_size": 8,
-    "eval.num_examples": 8, "eval.num_unconditional": 8, "eval.grid_examples": 2,
-    "eval.max_subsets": 2,
-}
 
 
-def tiny_config(**stage_steps):
-  config = polymnist_config.get_config("quick")
-  for key, value in TINY.items():
-    section, _, field = key.rpartition(".")
-    (config[section] if section else config)[field] = value
-  for stage, steps in stage_steps.items():
-    config[stage].num_steps = steps
-  return config
-
-
-def test_two_step_pipeline_writes_every_output(tmp_path):
+def test_two_step_pipeline_writes_every_output(tmp_path, tiny_config):
   pipeline.train_and_evaluate(tiny_config(), tmp_path)
   for name in ("data_examples.png", "config.json", "classifier/test_accuracy.json",
                "autoencoders/latents.npz", "autoencoders/reconstructions.png",
@@ -80,44 +56,7 @@ def test_two_step_pipeline_writes_every_output(tmp_path):
   assert np.all(np.isfinite(out["m4"]))
 
 
-class _Interrupt(Exception):
-  pass
-
-
-def test_kill_and_resume_gives_the_same_parameters(tmp_path, monkeypatch):
-  config = tiny_config(autoencoder=4)
-  config.stage = "autoencoders"
-  config.checkpoint_every = 2
-  pipeline.train_and_evaluate(config, tmp_path / "straight")
-
-  real_run = training.run
-
-  def run_then_die(name, state, train_step, *args, **kwargs):
-    calls = []
-
-    def dying_step(state, batch, rng):
-      calls.append(1)
-      if len(calls) == 3:  # dies during step 3, after the step-2 checkpoint.
-        raise _Interrupt()
-      return train_step(state, batch, rng)
-
-    return real_run(name, state, dying_step, *args, **kwargs)
-
-  monkeypatch.setattr(training, "run", run_then_die)
-  with pytest.raises(_Interrupt):
-    pipeline.train_and_evaluate(config, tmp_path / "killed")
-  monkeypatch.setattr(training, "run", real_run)
-  checkpoints = tmp_path / "killed" / "autoencoders" / "checkpoints"
-  assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2"]
-  pipeline.train_and_evaluate(config, tmp_path / "killed")  # the same command again
-
-  mods = pipeline.load_data(config, rundir.RunDir(tmp_path / "straight"))[1]
-  _, straight, _ = autoencoders.restore(config, rundir.RunDir(tmp_path / "straight"), mods)
-  _, resumed, _ = autoencoders.restore(config, rundir.RunDir(tmp_path / "killed"), mods)
-  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
-
-
-def test_classifier_is_trained_once_per_data_and_settings(tmp_path, monkeypatch):
+def test_classifier_is_trained_once_per_data_and_settings(tmp_path, monkeypatch, tiny_config):
   config = tiny_config(classifier=3)
   config.stage = "classifier"
   config.classifier.cache_dir = str(tmp_path / "cache")
@@ -137,16 +76,7 @@ def test_classifier_is_trained_once_per_data_and_settings(tmp_path, monkeypatch)
   assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
-def test_non_finite_loss_names_the_step(tmp_path):
-  config = tiny_config(autoencoder=6)
-  config.stage = "autoencoders"
-  config.autoencoder.update(learning_rate=1e30, grad_clip=0.0, warmup_steps=0)
-  with pytest.raises(training.NonFiniteLossError,
-                     match=r"\[autoencoders\] non-finite .* at step \d"):
-    pipeline.train_and_evaluate(config, tmp_path)
-
-
-def test_bad_config_values_are_named():
+def test_bad_config_values_are_named(tiny_config):
   config = tiny_config()
   config.stage = "priors"
   with pytest.raises(ValueError, match="config.stage='priors'"):
@@ -177,9 +107,9 @@ def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
   assert not (tmp_path / "data").exists()  # stopped before doing any work
 
 
-def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path):
+def test_full_vs_reduced_launcher_shares_stages_and_compares(tmp_path, tiny):
   repo = pathlib.Path(__file__).resolve().parents[1]
-  overrides = {**TINY, "reduction.max_steps": 20, "reduction.batch_size": 64,
+  overrides = {**tiny, "reduction.max_steps": 20, "reduction.batch_size": 64,
                "eval.max_subsets": 1}
   tiny = [f"--config.{key}={value}" for key, value in overrides.items()]
   result = subprocess.run(
@@ -223,32 +153,3 @@ def test_choose_by_ceiling_takes_the_smallest_rank_that_keeps_enough():
   assert rank_sweep.choose_by_ceiling(rows, 0.05)["epsilon"] == 0.1
   assert rank_sweep.choose_by_ceiling(rows, 0.02)["epsilon"] == 0.01
   assert rank_sweep.choose_by_ceiling(rows, 0.001) is None
-
-
-def test_eval_history_survives_a_resume(tmp_path):
-  """`training.run`'s periodic evaluation: logged every eval_every steps and at
-  the end, its JSON history kept when the stage resumes."""
-  tx = optax.sgd(0.1)
-
-  def loss_fn(params, rng, batch):
-    del rng
-    loss = jnp.mean((params["w"] - batch) ** 2)
-    return loss, {"loss": loss}
-
-  writer = metrics.Writer(tmp_path / "tb")
-  state = training.TrainState.create({"w": jnp.zeros(())}, tx)
-  history_path = tmp_path / "toy" / "eval_metrics.json"
-  for num_steps in (5, 6):
-    training.run("toy", state, training.make_train_step(loss_fn, tx),
-                 lambda step: np.ones((4,), np.float32), num_steps=num_steps,
-                 rng=jax.random.PRNGKey(0),
-                 manager=training.checkpoint_manager(tmp_path / "toy" / "checkpoints"),
-                 writer=writer, log_every=1, checkpoint_every=1,
-                 eval_fn=lambda s: {"w": float(s.params["w"])}, eval_every=2,
-                 eval_path=history_path)
-  writer.close()
-  history = json.loads(history_path.read_text())
-  assert [row["step"] for row in history] == [2, 4, 5, 6]
-  # w follows 1 - 0.8^step under SGD on (w - 1)^2.
-  np.testing.assert_allclose([row["w"] for row in history],
-                             [1 - 0.8 ** s for s in (2, 4, 5, 6)], rtol=1e-5)

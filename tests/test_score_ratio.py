@@ -1,0 +1,105 @@
+"""Tests of sbmae.reduction.score_ratio: divergences, the objective, H blocks, ICA starts, the Stein test.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sbmae.reduction import reduction
+from sbmae.reduction import score_ratio
+
+
+
+
+@pytest.mark.parametrize("kind", score_ratio.PARAMETRISATIONS)
+def test_divergence_is_the_jacobian_trace(kind, random_like):
+  dim = 7
+  config = reduction.ReductionConfig(parametrisation=kind, divergence="exact",
+                                     bottleneck=4, width=8, depth=1)
+  model = score_ratio.get_model(dim, config)
+  params = random_like(model.init(jax.random.key(0), jnp.eye(dim)), scale=0.5)
+  x = jax.random.normal(jax.random.key(2), (5, dim))
+
+  @jax.jit
+  def check(params, x):
+    s, div = model.score_and_divergence(params, x, jax.random.key(3))
+    jac = jax.vmap(jax.jacfwd(lambda xi: model.score(params, xi[None])[0]))(x)
+    return s, model.score(params, x), div, jnp.trace(jac, axis1=1, axis2=2)
+
+  s, s_direct, div, trace = check(params, x)
+  np.testing.assert_allclose(s, s_direct, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(div, trace, rtol=1e-4, atol=1e-4)
+
+
+def test_hutchinson_divergence_averages_to_the_trace(random_like):
+  dim = 7
+  config = reduction.ReductionConfig(parametrisation="lowrank", bottleneck=4,
+                                     width=8, depth=1, num_probes=4000)
+  model = score_ratio.get_model(dim, config)
+  exact = score_ratio.get_model(dim, dataclasses.replace(config,
+                                                       divergence="exact"))
+  params = random_like(model.init(jax.random.key(0), jnp.eye(dim)), scale=0.5)
+  x = jax.random.normal(jax.random.key(2), (5, dim))
+  _, div_h = jax.jit(model.score_and_divergence)(params, x, jax.random.key(4))
+  _, div = jax.jit(exact.score_and_divergence)(params, x, jax.random.key(4))
+  assert not np.allclose(div_h, div, rtol=1e-6, atol=0)  # really estimated
+  np.testing.assert_allclose(div_h, div, rtol=0.05, atol=0.05 * float(
+      jnp.abs(div).max()))
+
+
+def test_objective_of_linear_score_has_closed_form():
+  # F(B) = 1/2 tr(B S B^T) + tr(B) - tr(B S), S the second moment.
+  dim = 6
+  model = score_ratio.get_model(dim, reduction.ReductionConfig())
+  rs = np.random.RandomState(7)
+  b = jnp.asarray(rs.randn(dim, dim), jnp.float32)
+  x = jnp.asarray(rs.randn(500, dim) @ rs.randn(dim, dim), jnp.float32)
+  params = model.init(jax.random.key(0), b)  # residual starts at zero
+  f = jax.jit(score_ratio.get_objective_fn(model))(params, jax.random.key(1), x)
+  s2 = np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / len(x)
+  bb = np.asarray(b, np.float64)
+  expected = 0.5 * np.trace(bb @ s2 @ bb.T) + np.trace(bb) - np.trace(bb @ s2)
+  np.testing.assert_allclose(float(jnp.mean(f)), expected, rtol=1e-4)
+
+
+def test_diagnostic_blocks_match_direct_sum():
+  rs = np.random.RandomState(6)
+  dims = (3, 5, 2)
+  b = jnp.asarray(rs.randn(10, 10), jnp.float32)
+  x = jnp.asarray(rs.randn(1000, 10), jnp.float32)  # 3.9 batches of 256
+  score_fn = lambda params, x: x @ params.T
+  sums, count = score_ratio.diagnostic_blocks(score_fn, b, x, dims, 256)
+  s = np.asarray(x @ b.T, np.float64)
+  assert float(count) == 1000
+  for block, (lo, hi) in zip(sums, [(0, 3), (3, 8), (8, 10)]):
+    np.testing.assert_allclose(block, s[:, lo:hi].T @ s[:, lo:hi], rtol=1e-4,
+                               atol=1e-2)
+
+
+def test_stein_cross_term_matches_closed_form():
+  # For x ~ N(0, Sigma), s*(x) = (I - Sigma^{-1}) x; for s(x) = B x,
+  # E[(u.s)(u.s*)] = u^T B (Sigma - I) u, and 0 where s* has no component.
+  rs = np.random.RandomState(3)
+  d = 5
+  sigma = np.diag([3.0, 0.5, 1.0, 1.0, 1.0])
+  x = jnp.asarray(rs.randn(20000, d) @ np.sqrt(sigma), jnp.float32)
+  b = jnp.asarray(rs.randn(d, d), jnp.float32)
+  z, mean = score_ratio.direction_z_scores(
+      lambda p, v: v @ p.T, b, x, jnp.eye(d), 512)
+  expected = np.diag(np.asarray(b) @ (sigma - np.eye(d)))
+  np.testing.assert_allclose(mean, expected, atol=0.05)
+  assert np.all(np.abs(np.asarray(z)[2:]) < 4) and np.all(np.abs(z[:2]) > 10)
+
+
+def test_ica_directions_find_a_lone_bimodal_unit():
+  rs = np.random.RandomState(4)
+  y = rs.randn(5000, 16)
+  y[:, 0] = rs.choice([-0.97, 0.97], 5000) + 0.25 * rs.randn(5000)
+  rot = np.linalg.qr(rs.randn(16, 16))[0]
+  u = score_ratio.ica_directions(jnp.asarray(y @ rot.T, jnp.float32),
+                                 jax.random.key(0), num=1)
+  # A start for the ridge direction (training refines it), not the answer.
+  assert abs(float(np.asarray(u)[:, 0] @ rot[:, 0])) > 0.9
