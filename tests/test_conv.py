@@ -34,25 +34,28 @@ def _inputs(k, size, cin, cout):
           jax.random.normal(kk, (k, k, cin, cout)) / np.sqrt(k * k * cin))
 
 
+def _value_and_grads(fn, x, kernel, cotangent):
+  """jitted (fn(x, kernel), d/d(x, kernel) sum(fn(x, kernel) * cotangent))."""
+  with jax.default_matmul_precision("highest"):
+    return jax.jit(lambda a, b: (fn(a, b), jax.grad(
+        lambda a, b: jnp.sum(fn(a, b) * cotangent), argnums=(0, 1))(a, b)))(x, kernel)
+
+
+def _assert_close(got, want):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("k,stride,size,cin,cout", SHAPES)
 def test_conv_gemm_matches_lax_forward_and_gradients(k, stride, size, cin, cout):
   x, kernel = _inputs(k, size, cin, cout)
   padding = conv.resolve_padding("SAME", (size, size), (k, k), (stride, stride))
-  cotangent = jax.random.normal(jax.random.PRNGKey(7), _reference(x, kernel, stride, padding).shape)
-
-  def loss(fn):
-    return lambda x, kern: jnp.sum(fn(x, kern) * cotangent)
-
-  with jax.default_matmul_precision("highest"):
-    got = conv.conv_gemm(x, kernel, (stride, stride), padding)
-    got_grads = jax.grad(loss(lambda a, b: conv.conv_gemm(a, b, (stride, stride), padding)),
-                         argnums=(0, 1))(x, kernel)
-  want = _reference(x, kernel, stride, padding)
-  want_grads = jax.grad(loss(lambda a, b: _reference(a, b, stride, padding)),
-                        argnums=(0, 1))(x, kernel)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  for g, w in zip(got_grads, want_grads):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  out = -(-size // stride)
+  cotangent = jax.random.normal(jax.random.PRNGKey(7), (2, out, out, cout))
+  got = _value_and_grads(lambda a, b: conv.conv_gemm(a, b, (stride, stride), padding),
+                         x, kernel, cotangent)
+  want = _value_and_grads(lambda a, b: _reference(a, b, stride, padding), x, kernel, cotangent)
+  _assert_close(got, want)
 
 
 @pytest.mark.parametrize("padding", ["VALID", 2, ((0, 1), (2, 0))])
@@ -79,7 +82,7 @@ def test_conv_module_shares_nn_conv_params_and_values():
   np.testing.assert_allclose(lax_impl, got, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("size,stride,gemm_on_cpu", [(2, 1, True), (4, 2, True), (4, 1, False)])
+@pytest.mark.parametrize("size,stride,gemm_on_cpu", [(2, 1, True), (4, 1, True), (8, 1, False), (8, 2, True)])
 def test_auto_uses_gemm_for_tiny_outputs_on_cpu_only(size, stride, gemm_on_cpu):
   x = jnp.zeros((1, size, size, 2))
   module = conv.Conv(3, (3, 3), strides=stride)
@@ -95,24 +98,16 @@ def test_auto_uses_gemm_for_tiny_outputs_on_cpu_only(size, stride, gemm_on_cpu):
 def test_upsample_conv_matches_conv_of_upsampled(size, cin, cout):
   x, kernel = _inputs(3, size, cin, cout)
   cotangent = jax.random.normal(jax.random.PRNGKey(3), (2, 2 * size, 2 * size, cout))
-
-  def reference(x, kern):
-    return _reference(conv.upsample_nearest(x), kern, 1, ((1, 1), (1, 1)))
-
-  def loss(fn):
-    return lambda x, kern: jnp.sum(fn(x, kern) * cotangent)
-
+  got = _value_and_grads(lambda a, b: conv.upsample_conv3x3(a, b, impl="gemm"),
+                         x, kernel, cotangent)
+  want = _value_and_grads(
+      lambda a, b: _reference(conv.upsample_nearest(a), b, 1, ((1, 1), (1, 1))),
+      x, kernel, cotangent)
+  _assert_close(got, want)
+  module = conv.Conv(cout, upsample=True)
+  params = {"params": {"kernel": kernel, "bias": jnp.zeros(cout)}}
   with jax.default_matmul_precision("highest"):
-    got = conv.upsample_conv3x3(x, kernel, impl="gemm")
-    got_grads = jax.grad(loss(lambda a, b: conv.upsample_conv3x3(a, b, impl="gemm")),
-                         argnums=(0, 1))(x, kernel)
-    module = conv.Conv(cout, upsample=True)
-    params = {"params": {"kernel": kernel, "bias": jnp.zeros(cout)}}
-    got_module = module.apply(params, x)
-  np.testing.assert_allclose(got, reference(x, kernel), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got_module, got, rtol=1e-5, atol=1e-5)
-  for g, w in zip(got_grads, jax.grad(loss(reference), argnums=(0, 1))(x, kernel)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    _assert_close(module.apply(params, x), want[0])
 
 
 def test_depth_to_space_places_phases():
