@@ -3,7 +3,7 @@
 For the conv shapes of the models (batch 256), times value-and-gradient (wrt
 input and kernel) of sum(conv(x, k) * g) for:
   lax      lax.conv_general_dilated (XLA:CPU's convolution);
-  gemm     sbmae.models.conv.conv_gemm: pad/slice/concat im2col (or col2im) + one GEMM;
+  gemm     sbmae.models.conv.conv_gemm: pad/slice/concat im2col + one GEMM;
   patches  lax.conv_general_dilated_patches im2col + one GEMM;
 and prints each one's time and share of the measured matmul peak (the FLOPs
 are the convolution's 3 x 2 * M * K * N, the same for all).
