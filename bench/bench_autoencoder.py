@@ -8,7 +8,7 @@ share of the machine's fp32 matmul peak (FLOPs from XLA's cost analysis).
 Reference, PyTorch SBM-AE on the same 2-core CPU: batch 256 2.16 s
 (118 images/s, ~40% of peak); batch 32 0.21 s.
 
-  JAX_PLATFORMS=cpu python bench/bench_autoencoder.py [--peak_gflops=0 to measure]
+  JAX_PLATFORMS=cpu python bench/bench_autoencoder.py
 """
 
 from absl import app
@@ -21,9 +21,8 @@ from sbmae.stages import autoencoders
 from sbmae.data import modalities
 from sbmae import training
 
-flags.DEFINE_float("peak_gflops", common.REFERENCE_PEAK_GFLOPS,
-                   "Peak fp32 GFLOP/s; 0 measures a 2048^2 matmul through XLA.")
 flags.DEFINE_integer("iters", 5, "Timed steps.")
+flags.DEFINE_list("cases", ["1x256", "1x32", "5x256"], "modalities x batch size.")
 FLAGS = flags.FLAGS
 
 
@@ -54,9 +53,9 @@ def bench(num_modalities, batch_size, peak):
 
 
 def main(_):
-  peak = FLAGS.peak_gflops or common.measured_peak_gflops()
-  print(f"devices: {jax.devices()}; peak used: {peak:.0f} GFLOP/s")
-  for num_modalities, batch_size in ((1, 256), (1, 32), (5, 256)):
+  peak = common.print_peak()
+  for case in FLAGS.cases:
+    num_modalities, batch_size = map(int, case.split("x"))
     bench(num_modalities, batch_size, peak)
 
 

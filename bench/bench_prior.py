@@ -6,15 +6,16 @@ latent U-Net (5 modalities as 5 channels of 8x8, width 64, mults 1,2,2,2):
   * the sampler (100 Euler-Maruyama predictor steps + 1 Langevin corrector
     step each, plus the final denoising: 201 score evaluations) for 256
     samples: samples/s;
-each with achieved GFLOP/s and its share of the machine's peak. FLOPs come from
-XLA's cost analysis of the compiled function; for the sampler, whose loop XLA
-counts once, it is (score evaluations) x (FLOPs of one batched score call).
+each with achieved GFLOP/s and its share of the machine's XLA matmul peak
+(measured at start). FLOPs come from XLA's cost analysis of the compiled
+function; for the sampler, whose loop XLA counts once, it is (score
+evaluations) x (FLOPs of one batched score call).
 
 Reference, PyTorch SBM-AE U-Net on the same 2-core CPU: train step 1.21 s;
 100 PC steps for 256 samples 81.5 s.
 
 Run:
-  JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet] [--peak_gflops=309]
+  JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet]
 """
 
 from absl import app
@@ -32,7 +33,6 @@ from sbmae.models import score as score_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "unet"], "Priors to time: mlp and/or unet.")
-flags.DEFINE_float("peak_gflops", common.REFERENCE_PEAK_GFLOPS, "Peak fp32 GFLOP/s of the machine.")
 flags.DEFINE_integer("batch_size", 256, "Train batch and number of samples.")
 flags.DEFINE_integer("train_iters", 10, "Timed train steps (after warm-up).")
 flags.DEFINE_integer("sample_iters", 3, "Timed sampler calls (after warm-up).")
@@ -47,7 +47,7 @@ MODELS = {
 }
 
 
-def bench_model(name):
+def bench_model(name, peak):
   """Times the train step and the sampler of one prior; prints the figures."""
   model = MODELS[name]()
   sde = sde_lib.VPSDE()
@@ -84,7 +84,7 @@ def bench_model(name):
     run_train()
   seconds = common.median_seconds(run_train, FLAGS.train_iters)
   common.report(f"{name} train step, batch {b}", seconds, b, "examples", train_flops,
-                FLAGS.peak_gflops)
+                peak)
 
   params = state[0]
   score_fn = losses.get_score_fn(sde, model)
@@ -103,15 +103,14 @@ def bench_model(name):
   seconds = common.median_seconds(run_sampler, FLAGS.sample_iters)
   common.report(f"{name} sampler, {FLAGS.num_steps} steps x (1 + "
                 f"{FLAGS.corrector_steps}) for {b} samples ({evals} score evals)",
-                seconds, b, "samples", evals * score_flops, FLAGS.peak_gflops)
+                seconds, b, "samples", evals * score_flops, peak)
 
 
 def main(argv):
   del argv
-  print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, "
-        f"{jax.device_count()} device(s)", flush=True)
+  peak = common.print_peak()
   for name in FLAGS.models:
-    bench_model(name)
+    bench_model(name, peak)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,6 @@ from sbmae.models import score as score_lib
 from sbmae.stages import prior as prior_stage
 
 
-
-
-
-
 def test_latent_unet_shapes_and_errors(random_like):
   dims = (16, 16, 16)
   model = score_lib.LatentUNet(dims=dims, width=8, mults=(1, 2), num_res_blocks=1,
@@ -36,20 +32,6 @@ def test_latent_unet_shapes_and_errors(random_like):
     bad = score_lib.LatentUNet(dims=bad_dims, width=8, mults=(1, 2, 2))
     with pytest.raises(ValueError, match=match):
       random_like(jax.eval_shape(lambda: prior_stage.init_params(bad, jax.random.PRNGKey(0), sum(bad_dims))))
-
-
-@pytest.mark.parametrize("size,stride", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2),
-                                         (3, 1)])
-def test_conv3x3_matches_lax_convolution(size, stride):
-  """The GEMM path (outputs <= 4 positions) and the lax path agree with lax."""
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
-  conv = score_lib.Conv3x3(features=4, stride=stride)
-  params = conv.init(jax.random.PRNGKey(1), x)
-  expected = jax.lax.conv_general_dilated(
-      x, params["params"]["kernel"], (stride, stride), ((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  np.testing.assert_allclose(conv.apply(params, x), expected, rtol=1e-5,
-                             atol=1e-5)
 
 
 def test_get_model_from_config():

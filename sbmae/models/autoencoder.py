@@ -13,6 +13,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sbmae.models import conv
+
 
 class ResBlock(nn.Module):
   """Pre-activation residual block: x + conv(act(conv(act(x))))."""
@@ -20,10 +22,10 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.Conv(self.features, (3, 3))(nn.silu(x))
-    h = nn.Conv(self.features, (3, 3))(nn.silu(h))
+    h = conv.Conv(self.features, (3, 3))(nn.silu(x))
+    h = conv.Conv(self.features, (3, 3))(nn.silu(h))
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1))(x)
+      x = conv.Conv(self.features, (1, 1))(x)
     return x + h
 
 
@@ -38,10 +40,7 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, h, w, _ = x.shape
-    x = nn.Conv(4 * self.features, (3, 3))(x)
-    x = x.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, 2 * h, 2 * w, self.features)
+    return conv.depth_to_space(conv.Conv(4 * self.features, (3, 3))(x))
 
 
 def _padded_size(size):
@@ -60,12 +59,12 @@ class ConvEncoder(nn.Module):
     pad = size - x.shape[-2]
     x = jnp.pad(2.0 * x - 1.0, ((0, 0), (pad // 2, pad - pad // 2),
                                 (pad // 2, pad - pad // 2), (0, 0)))
-    x = nn.Conv(self.widths[0], (5, 5), strides=(2, 2))(x)
+    x = conv.Conv(self.widths[0], (5, 5), strides=(2, 2))(x)
     for i, width in enumerate(self.widths):
       for _ in range(self.blocks_per_stage):
         x = ResBlock(width)(x)
       next_width = self.widths[min(i + 1, len(self.widths) - 1)]
-      x = nn.Conv(next_width, (4, 4), strides=(2, 2))(nn.silu(x))
+      x = conv.Conv(next_width, (4, 4), strides=(2, 2))(nn.silu(x))
     return nn.Dense(self.out_dim)(nn.silu(x).reshape(x.shape[0], -1))
 
 
@@ -87,7 +86,7 @@ class ConvDecoder(nn.Module):
       for _ in range(self.blocks_per_stage):
         x = ResBlock(width)(x)
     x = Upsample(self.widths[0])(nn.silu(x))
-    x = nn.Conv(c, (5, 5))(nn.silu(x))
+    x = conv.Conv(c, (5, 5))(nn.silu(x))
     top, left = (size - h) // 2, (size - w) // 2
     return x[:, top:top + h, left:left + w, :]
 

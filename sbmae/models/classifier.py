@@ -2,6 +2,8 @@
 
 import flax.linen as nn
 
+from sbmae.models import conv
+
 
 class DigitClassifier(nn.Module):
   """Small strided CNN: 28x28x3 in [0, 1] -> 10 logits.
@@ -17,9 +19,9 @@ class DigitClassifier(nn.Module):
   def __call__(self, x, train=False, features=False):
     x = 2.0 * x - 1.0
     for mult in (1, 2, 4):
-      x = nn.Conv(self.width * mult, (3, 3), strides=(2, 2))(x)
+      x = conv.Conv(self.width * mult, (3, 3), strides=(2, 2))(x)
       x = nn.gelu(x)
-      x = nn.Conv(self.width * mult, (3, 3))(x)
+      x = conv.Conv(self.width * mult, (3, 3))(x)
       x = nn.gelu(x)
     h = nn.gelu(nn.Dense(4 * self.width)(x.reshape(x.shape[:-3] + (-1,))))
     if features:

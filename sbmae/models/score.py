@@ -19,16 +19,15 @@ every t.
 """
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sbmae import models
 from sbmae.latents import ABSENT
 from sbmae.latents import CLEAN
+from sbmae.models import conv
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -88,49 +87,16 @@ class ScoreMLP(nn.Module):
     return nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros)(h)
 
 
-class Conv3x3(nn.Module):
-  """3x3 convolution with padding 1 (NHWC, HWIO kernel, like nn.Conv).
+class Conv3x3(conv.Conv):
+  """The U-Net's 3x3 SAME convolution: `conv.Conv`, under its own name.
 
-  XLA's CPU convolution is very slow when the output is tiny: measured here,
-  a 3x3 conv of 256 x 2x2x128 runs 10-20x slower than the same FLOPs as a
-  matmul, and a U-Net over 8x8 latents has its lowest levels at 2x2 and 1x1.
-  Outputs of at most 4 positions are therefore computed as im2col + one GEMM,
-  skipping taps that only ever read padding (at 1x1 only the centre tap is
-  left); larger outputs use lax.conv_general_dilated.
-
-  Attributes:
-    features: output channels.
-    stride: spatial stride (output size ceil(input / stride)).
-    kernel_init: initialiser of the [3, 3, in, out] kernel.
+  Kept as a named subclass so the U-Net's parameter names (Conv3x3_N) stay
+  those of existing checkpoints. On CPU its outputs of at most 4 positions
+  (the 2x2 and 1x1 levels) run as im2col + one GEMM, and `upsample=True`
+  (the decoder's nearest-neighbour 2x upsampling followed by this conv) runs
+  as a sub-pixel conv at the low resolution; see sbmae/models/conv.py.
   """
-  features: int
-  stride: int = 1
-  kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x):
-    _, h, w, c = x.shape
-    s = self.stride
-    kernel = self.param("kernel", self.kernel_init, (3, 3, c, self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    ho, wo = -(-h // s), -(-w // s)
-    if ho * wo > 4:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (s, s), ((1, 1), (1, 1)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      return y + bias
-
-    def reads_data(offset, size, out_size):  # padded index 0 and size+1 are pad.
-      return any(1 <= offset + k * s <= size for k in range(out_size))
-
-    taps = [(i, j) for i in range(3) for j in range(3)
-            if reads_data(i, h, ho) and reads_data(j, w, wo)]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    cols = jnp.concatenate(
-        [xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
-         for i, j in taps], axis=-1)
-    rows, columns = np.array(taps).T
-    return cols @ kernel[rows, columns].reshape(len(taps) * c, -1) + bias
+  kernel_size: Sequence[int] = (3, 3)
 
 
 def _group_norm(x):
@@ -209,7 +175,7 @@ class LatentUNet(nn.Module):
         h = _ResBlock(self.width * mult)(h, temb)
         skips.append(h)
       if level != len(self.mults) - 1:
-        h = Conv3x3(h.shape[-1], stride=2)(h)
+        h = Conv3x3(h.shape[-1], strides=2)(h)
         skips.append(h)
     h = _ResBlock(h.shape[-1])(h, temb)
     h = _ResBlock(h.shape[-1])(h, temb)
@@ -218,10 +184,7 @@ class LatentUNet(nn.Module):
         h = _ResBlock(self.width * mult)(
             jnp.concatenate([h, skips.pop()], axis=-1), temb)
       if level:
-        n, hh, ww, c = h.shape
-        h = Conv3x3(c)(
-            jnp.broadcast_to(h[:, :, None, :, None, :],
-                             (n, hh, 2, ww, 2, c)).reshape(n, 2 * hh, 2 * ww, c))
+        h = Conv3x3(h.shape[-1], upsample=True)(h)
     h = nn.swish(_group_norm(h))
     h = Conv3x3(m, kernel_init=nn.initializers.zeros)(h)
     return h.transpose(0, 3, 1, 2).reshape(b, m * side * side)

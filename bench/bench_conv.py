@@ -1,0 +1,98 @@
+"""Forward + backward of single convolutions by implementation (decides conv.py's choices).
+
+For the conv shapes of the models (batch 256), times value-and-gradient (wrt
+input and kernel) of sum(conv(x, k) * g) for:
+  lax      lax.conv_general_dilated (XLA:CPU's convolution);
+  gemm     sbmae.models.conv.conv_gemm: pad/slice/concat im2col + one GEMM;
+  patches  lax.conv_general_dilated_patches im2col + one GEMM;
+and prints each one's time and share of the measured matmul peak (the FLOPs
+are the convolution's 3 x 2 * M * K * N, the same for all).
+
+  JAX_PLATFORMS=cpu python bench/bench_conv.py [--impls=lax,gemm,patches] [--shapes=ae]
+"""
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+import common
+from sbmae.models import conv
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("impls", ["lax", "gemm", "patches"], "Implementations to time.")
+flags.DEFINE_list("shapes", ["ae", "tiny", "clf", "unet"], "Shape groups to time.")
+flags.DEFINE_integer("iters", 3, "Timed calls.")
+flags.DEFINE_integer("batch", 256, "Batch size.")
+
+# name -> list of (label, kernel, stride, input size, in, out).
+SHAPES = {
+    "ae": [("stem 5x5/2 3->64 @32", 5, 2, 32, 3, 64),
+           ("res 3x3 64 @16", 3, 1, 16, 64, 64),
+           ("down 4x4/2 64->128 @16", 4, 2, 16, 64, 128),
+           ("res 3x3 128 @8", 3, 1, 8, 128, 128),
+           ("res 3x3 256 @4", 3, 1, 4, 256, 256),
+           ("up 3x3 64->256 @16", 3, 1, 16, 64, 256),
+           ("out 5x5 64->3 @32", 5, 1, 32, 64, 3)],
+    "clf": [("clf 3x3/2 3->32 @28", 3, 2, 28, 3, 32),
+            ("clf 3x3 32 @14", 3, 1, 14, 32, 32),
+            ("clf 3x3/2 64->128 @7", 3, 2, 7, 64, 128)],
+    "tiny": [("ae up 3x3 256->1024 @2", 3, 1, 2, 256, 1024),
+             ("ae down 4x4/2 256 @4", 4, 2, 4, 256, 256),
+             ("unet 3x3 128 @2", 3, 1, 2, 128, 128),
+             ("unet 3x3/2 128 @2", 3, 2, 2, 128, 128),
+             ("unet 3x3 128 @1", 3, 1, 1, 128, 128),
+             ("unet 3x3/2 128 @4", 3, 2, 4, 128, 128),
+             ("clf 3x3 128 @4", 3, 1, 4, 128, 128)],
+    "unet": [("unet 3x3 64 @8", 3, 1, 8, 64, 64),
+             ("unet 3x3 192->64 @8", 3, 1, 8, 192, 64),
+             ("unet 3x3 128 @4", 3, 1, 4, 128, 128),
+             ("unet 3x3/2 64 @8", 3, 2, 8, 64, 64),
+             ("ae down 4x4/2 128->256 @8", 4, 2, 8, 128, 256)],
+}
+
+
+def patches_conv(x, kernel, strides, padding):
+  kh, kw, cin, cout = kernel.shape
+  p = jax.lax.conv_general_dilated_patches(
+      x, (kh, kw), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # Patch features are ordered (in, kh, kw).
+  return p @ kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
+
+
+def lax_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+IMPLS = {"lax": lax_conv, "gemm": conv.conv_gemm, "patches": patches_conv}
+
+
+def bench_shape(label, k, s, size, cin, cout, peak):
+  b = FLAGS.batch
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, size, size, cin))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, cin, cout)) * 0.05
+  pads = conv.resolve_padding("SAME", (size, size), (k, k), (s, s))
+  out = -(-size // s)
+  g = jax.random.normal(jax.random.PRNGKey(2), (b, out, out, cout))
+  num_flops = 3 * 2 * b * out * out * k * k * cin * cout
+  line = [f"{label:24s} {num_flops / 1e9:6.2f} GFLOP"]
+  for name in FLAGS.impls:
+    fn = IMPLS[name]
+    step = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, (s, s), pads) * g),
+                            argnums=(0, 1)))
+    seconds = common.median_seconds(lambda: step(x, kernel), FLAGS.iters)
+    line.append(f"{name} {1e3 * seconds:7.1f} ms ({100 * num_flops / seconds / 1e9 / peak:3.0f}%)")
+  print(" | ".join(line), flush=True)
+
+
+def main(_):
+  peak = common.measured_peak_gflops()
+  print(f"measured matmul peak {peak:.0f} GFLOP/s; fwd+bwd per conv, batch {FLAGS.batch}")
+  for group in FLAGS.shapes:
+    for shape in SHAPES[group]:
+      bench_shape(*shape, peak)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,203 @@
+"""The project's one 2-D convolution: NHWC, HWIO kernel, nn.Conv's parameters.
+
+`Conv` has nn.Conv's parameters ("kernel" [kh, kw, in, out] and "bias"), so
+both implementations read the same checkpoints:
+
+* "lax": lax.conv_general_dilated. On GPU/TPU always; on CPU (jax 0.10,
+  XLA:CPU with YNNPACK) also for outputs of more than 16 positions, where it
+  is the faster of the two, forward + backward at batch 256 (3x3, 64 ch at
+  16x16: 88 ms vs 220 ms by GEMM; 5x5 64 -> 3 at 32x32: 229 ms vs 3.2 s;
+  its weight gradient, 192 ms, also beats 9 per-tap GEMMs, 306 ms).
+* "gemm": im2col + ONE matrix product, used on CPU for outputs of at most 16
+  positions (4x4 and less). At 2x2 and 1x1 XLA:CPU's convolution is 10-40x
+  slower than the same FLOPs as a GEMM (3x3, 256 -> 1024 at 2x2: 2.56 s vs
+  0.11 s; 4x4/2, 256 at 4x4 -> 2x2: 1.18 s vs 0.06 s). At 4x4 single convs
+  are a draw, but the whole autoencoder gradient step was ~10% faster with
+  4x4 outputs on the GEMM (best of 5, interleaved: 2.85 s vs 3.21 s), the
+  U-Net's unchanged; with 8x8 too it got slower (U-Net 3.19 s vs 2.16 s). The receptive fields are gathered by
+  pad, strided slices and one concatenation (the backward is pads and adds);
+  `lax.conv_general_dilated_patches` is slower (3x3, 64 ch at 16x16: 1.96 s,
+  its backward is itself a convolution). Taps whose every read falls in the
+  zero padding are dropped, so a 3x3 conv of a 1x1 map is its centre tap.
+
+`impl="auto"` picks per call from `jax.default_backend()` (at trace time) and
+the output size; `bench/bench_conv.py` gives the figures above.
+"""
+
+from typing import Any, Callable, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("auto", "gemm", "lax")
+# On CPU, "auto" uses the GEMM for outputs of at most this many positions.
+GEMM_MAX_POSITIONS = 16
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _pair(v):
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def resolve_padding(padding, in_hw, kernel_hw, strides):
+  """nn.Conv padding ("SAME", "VALID", int or pairs) -> ((top, bottom), (left, right))."""
+  if isinstance(padding, str):
+    return tuple(tuple(p) for p in jax.lax.padtype_to_pads(in_hw, kernel_hw, strides, padding))
+  if isinstance(padding, int):
+    return ((padding, padding),) * 2
+  return tuple(_pair(p) for p in padding)
+
+
+def _taps(size, pad_lo, k, stride, out_size):
+  """Kernel offsets along one axis that read at least one non-padding element."""
+  return [i for i in range(k)
+          if any(pad_lo <= i + o * stride < pad_lo + size for o in range(out_size))]
+
+
+def conv_gemm(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0))):
+  """Convolution as im2col + one GEMM; equals lax.conv_general_dilated.
+
+  Args:
+    x: [B, H, W, in] input.
+    kernel: [kh, kw, in, out] kernel.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)) zero padding.
+
+  Returns:
+    [B, Ho, Wo, out], Ho = (H + top + bottom - kh) // sh + 1 (likewise Wo).
+  """
+  b, h, w, _ = x.shape
+  kh, kw, _, cout = kernel.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+  ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  rows, cols = _taps(h, pt, kh, sh, ho), _taps(w, pl, kw, sw, wo)
+  if not rows or not cols:
+    return jnp.zeros((b, ho, wo, cout), jnp.result_type(x, kernel))
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  patches = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+             for i in rows for j in cols]
+  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
+  kernel = kernel[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # taps are contiguous.
+  return patches @ kernel.reshape(-1, cout)
+
+
+def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
+  """NHWC/HWIO convolution by `impl`: "gemm", "lax" or "auto" (see module docstring).
+
+  Args:
+    x: [B, H, W, in] input.
+    kernel: [kh, kw, in, out] kernel.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)) zero padding.
+    impl: "auto", "gemm" or "lax".
+
+  Returns:
+    [B, Ho, Wo, out].
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"Conv impl={impl!r}; expected one of {IMPLS}.")
+  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  if impl == "auto":
+    (kh, kw), (sh, sw) = kernel.shape[:2], strides
+    ho = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
+    wo = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
+    small = ho * wo <= GEMM_MAX_POSITIONS
+    impl = "gemm" if jax.default_backend() == "cpu" and small else "lax"
+  if impl == "gemm":
+    return conv_gemm(x, kernel, strides, padding)
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=_DIMS)
+
+
+def depth_to_space(x, block=2):
+  """[B, H, W, block^2 * C] -> [B, block * H, block * W, C] (pixel shuffle)."""
+  b, h, w, c = x.shape
+  c //= block * block
+  x = x.reshape(b, h, w, block, block, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, block * h, block * w, c)
+
+
+def upsample_nearest(x, factor=2):
+  """Nearest-neighbour upsampling of [B, H, W, C] by `factor`."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+  return x.reshape(b, factor * h, factor * w, c)
+
+
+# _FOLD[a] maps a 3x3 kernel's rows to the two rows of the original map read by
+# output row phase a of a 3x3 SAME conv of the 2x nearest-upsampled map: phase 0
+# reads upsampled rows 2i-1, 2i, 2i+1 = original rows i-1, i, i; phase 1 reads
+# 2i, 2i+1, 2i+2 = i, i, i+1.
+_FOLD = np.array([[[1, 0, 0], [0, 1, 1]],
+                  [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def upsample_conv3x3(x, kernel, impl="auto"):
+  """conv3x3_SAME(upsample_nearest(x, 2), kernel), as a sub-pixel convolution.
+
+  Each of the 4 output phases is a 2x2 convolution of x with the kernel's
+  rows/columns summed by `_FOLD`: 16 instead of 36 multiply-adds per input
+  pixel and channel pair, at the input's resolution; depth-to-space
+  interleaves the phases. "lax" computes the plain reference instead.
+
+  Args:
+    x: [B, H, W, in].
+    kernel: [3, 3, in, out].
+    impl: as `conv2d` (used for each phase).
+
+  Returns:
+    [B, 2H, 2W, out].
+  """
+  if impl == "lax":
+    return conv2d(upsample_nearest(x), kernel, (1, 1), ((1, 1), (1, 1)), impl)
+  _, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  k = jnp.einsum("aur,bvs,rsio->abuvio", _FOLD, _FOLD, kernel)
+  phases = [conv2d(xp[:, a:a + h + 1, c:c + w + 1], k[a, c], impl=impl)
+            for a in range(2) for c in range(2)]
+  return depth_to_space(jnp.concatenate(phases, axis=-1))
+
+
+class Conv(nn.Module):
+  """2-D convolution with nn.Conv's parameters and defaults (SAME padding).
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw) or an int for a square kernel.
+    strides: (sh, sw) or an int.
+    padding: "SAME" (nn.Conv's default), "VALID", an int, or ((top, bottom),
+      (left, right)).
+    use_bias: add a learnt bias.
+    kernel_init: initialiser of the [kh, kw, in, out] kernel.
+    bias_init: initialiser of the bias.
+    upsample: convolve the 2x nearest-upsampled input (3x3, stride 1, SAME
+      only), computed as a sub-pixel conv at the input's resolution.
+    impl: "auto", "gemm" or "lax" (see the module docstring).
+  """
+  features: int
+  kernel_size: Union[int, Sequence[int]] = (3, 3)
+  strides: Union[int, Sequence[int]] = 1
+  padding: Any = "SAME"
+  use_bias: bool = True
+  kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+  upsample: bool = False
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    kernel_hw, strides = _pair(self.kernel_size), _pair(self.strides)
+    kernel = self.param("kernel", self.kernel_init,
+                        kernel_hw + (x.shape[-1], self.features))
+    if self.upsample:
+      if kernel_hw != (3, 3) or strides != (1, 1) or self.padding != "SAME":
+        raise ValueError("Conv(upsample=True) supports 3x3, stride 1, SAME only.")
+      y = upsample_conv3x3(x, kernel, self.impl)
+    else:
+      padding = resolve_padding(self.padding, x.shape[1:3], kernel_hw, strides)
+      y = conv2d(x, kernel, strides, padding, self.impl)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,))
+    return y
