@@ -4,17 +4,19 @@
 both implementations read the same checkpoints:
 
 * "lax": lax.conv_general_dilated. On GPU/TPU always; on CPU (jax 0.10,
-  XLA:CPU with YNNPACK) also for outputs of more than 16 positions, where it
+  XLA:CPU with YNNPACK) also for outputs of more than 4 positions, where it
   is the faster of the two, forward + backward at batch 256 (3x3, 64 ch at
   16x16: 88 ms vs 220 ms by GEMM; 5x5 64 -> 3 at 32x32: 229 ms vs 3.2 s;
   its weight gradient, 192 ms, also beats 9 per-tap GEMMs, 306 ms).
-* "gemm": im2col + ONE matrix product, used on CPU for outputs of at most 16
-  positions (4x4 and less). At 2x2 and 1x1 XLA:CPU's convolution is 10-40x
+* "gemm": im2col + ONE matrix product, used on CPU for outputs of at most 4
+  positions (2x2 and less). At 2x2 and 1x1 XLA:CPU's convolution is 10-40x
   slower than the same FLOPs as a GEMM (3x3, 256 -> 1024 at 2x2: 2.56 s vs
-  0.11 s; 4x4/2, 256 at 4x4 -> 2x2: 1.18 s vs 0.06 s). At 4x4 single convs
-  are a draw, but the whole autoencoder gradient step was ~10% faster with
-  4x4 outputs on the GEMM (best of 5, interleaved: 2.85 s vs 3.21 s), the
-  U-Net's unchanged; with 8x8 too it got slower (U-Net 3.19 s vs 2.16 s). The receptive fields are gathered by
+  0.11 s; 4x4/2, 256 at 4x4 -> 2x2: 1.18 s vs 0.06 s). At 4x4 the GEMM loses
+  on a quiet machine (whole train steps, median of 10, interleaved: the
+  autoencoder 64-128-256 at batch 256 1.93 s with 2x2 and less on the GEMM
+  vs 2.11 s with 4x4 too; the cpu config's five 16-32-64 autoencoders at
+  batch 64 0.248 s vs 0.278 s, 0.304 s with no GEMM at all; the five
+  classifiers at batch 128 0.189 s vs 0.208 s). The receptive fields are gathered by
   pad, strided slices and one concatenation (the backward is pads and adds);
   `lax.conv_general_dilated_patches` is slower (3x3, 64 ch at 16x16: 1.96 s,
   its backward is itself a convolution). Taps whose every read falls in the
@@ -33,7 +35,7 @@ import numpy as np
 
 IMPLS = ("auto", "gemm", "lax")
 # On CPU, "auto" uses the GEMM for outputs of at most this many positions.
-GEMM_MAX_POSITIONS = 16
+GEMM_MAX_POSITIONS = 4
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
