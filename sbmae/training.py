@@ -216,7 +216,7 @@ def _eval_history(path, start):
 
 def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng,
         manager, writer=None, log_every=100, checkpoint_every=1000, mesh=None,
-        eval_fn=None, eval_every=0, eval_path=None):
+        eval_fn=None, eval_every=0, eval_path=None, stop_fn=None):
   """Trains `state` to `num_steps`, resuming from `manager`'s latest checkpoint.
 
   Args:
@@ -227,7 +227,8 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
       function of the step for resumes to be exact).
     num_steps: total steps.
     rng: base key; step s uses fold_in(rng, s).
-    manager: the stage's CheckpointManager.
+    manager: the stage's CheckpointManager; None for no checkpoints (a fit
+      short enough to redo, such as the reduction's score ratio).
     writer: optional `sbmae.metrics.Writer`.
     log_every: steps between progress lines and metric writes.
     checkpoint_every: steps between checkpoints.
@@ -240,12 +241,14 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
       {"step": s, **metrics}, kept across resumes).
     eval_every: steps between evaluations (0: none).
     eval_path: the JSON history file of `eval_fn` (from the stage's RunDir).
+    stop_fn: optional history -> bool, asked after every evaluation; True
+      ends training there (early stopping).
 
   Returns:
     The final TrainState.
   """
   mesh = data_mesh() if mesh is None else mesh
-  restored = restore_latest(manager, state)
+  restored = None if manager is None else restore_latest(manager, state)
   if restored is not None:
     state = restored
     logging.info("[%s] resumed at step %d", name, int(state.step))
@@ -286,11 +289,15 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
           writer.scalars(done, values, prefix=f"{name}/eval")
           if eval_path is not None:
             writer.json(eval_path, history)
-      if save_now:
+        if stop_fn is not None and stop_fn(history):
+          logging.info("[%s] stopped early at step %d", name, done)
+          break
+      if save_now and manager is not None:
         manager.save(done, args=ocp.args.StandardSave(state))
         faults.point(f"{name}:save:{done}")
   finally:
     # An interrupted run still completes the checkpoint it had started.
-    manager.wait_until_finished()
+    if manager is not None:
+      manager.wait_until_finished()
   return state
 

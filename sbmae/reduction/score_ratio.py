@@ -5,7 +5,9 @@ s = grad log(pi / rho) minimises the implicit objective
 F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"); F needs no
 density. `train_score_ratio` fits s_theta = B_0 x + r(x): a closed-form linear
 term (`linear_fit`, exact for Gaussian latents, shrunk against sampling noise)
-plus a nonlinear residual, with early stopping on held-out F.
+plus a nonlinear residual, trained by the project's one training loop
+(`sbmae.training.run`, without checkpoints: the fit takes minutes) with early
+stopping on held-out F.
 `diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T];
 `ica_directions` gives the ridge directions' starts; `direction_z_scores` is
 the cross-fitted test that separates structure from estimation noise.
@@ -15,18 +17,17 @@ the networks are in `sbmae.models.score_ratio`.
 
 import functools
 import math
-import time
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import flax
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from sbmae import errors
+from sbmae import training
 from sbmae.models.score_ratio import MLP
 from sbmae.models.score_ratio import RidgeFunctions
 
@@ -295,34 +296,6 @@ def get_loss_fn(model: ScoreRatioModel, penalty: float):
   return loss_fn
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size",
-                                             "num_steps"), donate_argnums=0)
-def train_steps(state, x, rng, *, loss_fn, batch_size, num_steps):
-  """Runs `num_steps` Adam steps on batches drawn (with replacement) from x.
-
-  Args:
-    state: flax TrainState (donated).
-    x: [n, D] training samples.
-    rng: base key; step t uses fold_in(rng, t), so runs are reproducible.
-    loss_fn: from get_loss_fn.
-    batch_size: samples per step.
-    num_steps: steps in this call.
-
-  Returns:
-    (new state, metrics of the last step).
-  """
-  def step(state, _):
-    key = jax.random.fold_in(rng, state.step)
-    k_batch, k_loss = jax.random.split(key)
-    idx = jax.random.randint(k_batch, (batch_size,), 0, x.shape[0])
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, k_loss,
-                                                     x[idx])
-    return state.apply_gradients(grads=grads), metrics
-
-  state, metrics = jax.lax.scan(step, state, None, length=num_steps)
-  return state, jax.tree.map(lambda m: m[-1], metrics)
-
-
 def _batched(x, batch_size):
   """Pads x [n, ...] to whole batches: ([nb, batch, ...], weights)."""
   n = x.shape[0]
@@ -427,33 +400,35 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
       {"frozen": optax.set_to_zero(),
        "decay": optax.adamw(schedule, weight_decay=config.weight_decay),
        "plain": optax.adam(schedule)}, labels)
-  state = train_state.TrainState.create(
-      apply_fn=None, params=model.init(k_init, b0, w0), tx=tx)
-  eval_fn = lambda p: float(held_out_objective(
+  state = training.TrainState.create(model.init(k_init, b0, w0), tx)
+  # Batches drawn with replacement, a pure function of the step (resumable).
+  x_host, seed = np.asarray(x_train), int(jax.random.randint(k_train, (), 0, 2**31 - 1))
+  batch_fn = lambda step: x_host[np.random.default_rng((seed, step)).integers(
+      0, n, config.batch_size)]
+  held_out_f = lambda p: float(held_out_objective(
       objective_fn, p, x_held_out, k_eval, config.batch_size))
-  # Copies: the state's buffers are donated to train_steps.
-  best_f, best_step = eval_fn(state.params), 0
-  best_params = jax.tree.map(jnp.copy, state.params)
-  bad_evals, start = 0, time.perf_counter()
-  while int(state.step) < config.max_steps and bad_evals < config.patience:
-    num = min(config.eval_every, config.max_steps - int(state.step))
-    state, metrics = train_steps(state, x_train, k_train, loss_fn=loss_fn,
-                                 batch_size=config.batch_size, num_steps=num)
-    step, f = int(state.step), eval_fn(state.params)
+  # The parameters with the best held-out F (copies: the train step donates).
+  best = {"f": held_out_f(state.params), "step": 0, "bad": 0,
+          "params": jax.tree.map(jnp.copy, state.params)}
+
+  def eval_fn(state):
+    step, f = int(state.step), held_out_f(state.params)
     if not math.isfinite(f):
       raise errors.NonFiniteError(
           f"reduction: held-out objective is {f} at step {step}; lower "
           "reduction.learning_rate or check the latents")
-    if f < best_f:
-      best_params = jax.tree.map(jnp.copy, state.params)
-      best_f, best_step, bad_evals = f, step, 0
+    if f < best["f"]:
+      best.update(f=f, step=step, bad=0, params=jax.tree.map(jnp.copy, state.params))
     else:
-      bad_evals += 1
-    rate = step / (time.perf_counter() - start)
-    logging.info("reduction step %d: train F %.4f, penalty %.4f, held-out F "
-                 "%.4f (best %.4f @ %d); %.1f steps/s, ETA <= %.0f s", step,
-                 metrics["objective"], metrics["penalty"], f, best_f,
-                 best_step, rate, (config.max_steps - step) / rate)
+      best["bad"] += 1
+    return {"held_out_F": f, "best_held_out_F": best["f"]}
+
+  state = training.run(
+      "reduce", state, training.make_train_step(loss_fn, tx), batch_fn,
+      num_steps=config.max_steps, rng=k_train, manager=None,
+      log_every=config.eval_every, eval_fn=eval_fn, eval_every=config.eval_every,
+      stop_fn=lambda history: best["bad"] >= config.patience)
+  best_f, best_step, best_params = best["f"], best["step"], best["params"]
   info = dict(held_out_objective=best_f, train_steps=int(state.step),
               best_step=best_step)
   if b0 is not None:

@@ -23,7 +23,6 @@ import json
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
