@@ -92,7 +92,7 @@ def _set(config, key, value):
 
 @pytest.mark.parametrize("key,value", [
     ("reduction.epsilon", -1.0), ("reduction.epsilon", float("nan")),
-    ("prior.num_steps", -5), ("classifier.batch_size", 0), ("prior.mask_prob", 1.5),
+    ("prior.num_steps", -5), ("classifier.batch_size", 0), ("prior.absent_prob", 1.5),
     ("prior.ema_decay", -0.1), ("eval.max_subsets", 0), ("data.num_train", 0),
     ("reduction.held_out_fraction", 1.0), ("sampling.eps", float("inf")),
     ("log_every", 0), ("autoencoder.kind", "gan"), ("sde.beta_max", 0.05),

@@ -26,6 +26,8 @@ def _run_two_processes(workdir, num_steps):
         [sys.executable, "-m", "sbmae.main", "--config=configs/polymnist.py:quick",
          f"--workdir={workdir}", "--config.stage=autoencoders",
          f"--config.autoencoder.num_steps={num_steps}", "--config.checkpoint_every=2",
+         # Resuming with more steps changes the config on purpose.
+         "--config.allow_config_change=True",
          "--config.log_every=1", "--config.autoencoder.widths=(8, 8, 8)",
          "--config.autoencoder.latent_dim=8", "--config.data.num_train=256",
          "--config.data.num_test=64"],
