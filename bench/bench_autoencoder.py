@@ -39,17 +39,8 @@ def bench(num_modalities, batch_size, peak):
 
   batch = {m.name: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, m in enumerate(mods)}
-  rng = jax.random.PRNGKey(1)
-  num_flops = common.flops(step.lower(state, batch, rng).compile())
-  holder = [state]
-
-  def run():
-    holder[0], metrics = step(holder[0], batch, rng)
-    return metrics["loss"]
-
-  seconds = common.median_seconds(run, FLAGS.iters)
-  common.report(f"autoencoder train step, {num_modalities} modality(ies), batch {batch_size}",
-                seconds, batch_size * num_modalities, "images", num_flops, peak)
+  common.time_train_step(f"autoencoder train step, {num_modalities} modality(ies), batch {batch_size}", step, state, batch,
+                         batch_size * num_modalities, "images", peak, FLAGS.iters)
 
 
 def main(_):

@@ -36,17 +36,8 @@ def bench(batch_size, peak):
   batch = {n: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, n in enumerate(names)}
   batch["label"] = jnp.arange(batch_size) % 10
-  rng = jax.random.PRNGKey(1)
-  num_flops = common.flops(step.lower(state, batch, rng).compile())
-  holder = [state]
-
-  def run():
-    holder[0], metrics = step(holder[0], batch, rng)
-    return metrics["loss"]
-
-  seconds = common.median_seconds(run, FLAGS.iters)
-  common.report(f"classifier train step, {len(names)} modalities, batch {batch_size}",
-                seconds, batch_size * len(names), "images", num_flops, peak)
+  common.time_train_step(f"classifier train step, {len(names)} modalities, batch {batch_size}", step, state, batch,
+                         batch_size * len(names), "images", peak, FLAGS.iters)
 
 
 def main(_):

@@ -58,3 +58,27 @@ def report(name, seconds, items, unit, num_flops, peak_gflops):
   print(f"{name}: {seconds:.4f} s, {items / seconds:,.1f} {unit}/s, "
         f"{num_flops / 1e9:.2f} GFLOP, {gflops:.1f} GFLOP/s "
         f"({100 * gflops / peak_gflops:.1f}% of {peak_gflops:.0f})", flush=True)
+
+
+def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters):
+  """Times a donating train step (state, batch, rng) -> (state, metrics) and reports it.
+
+  Args:
+    name: label of the printed line.
+    step: the jitted train step.
+    state: its initial TrainState (donated and replaced as the step runs).
+    batch: one batch, reused for every call.
+    items: examples per step (for the throughput).
+    unit: their name ("images", "examples").
+    peak_gflops: the machine's measured peak.
+    iters: timed calls.
+  """
+  rng = jax.random.PRNGKey(1)
+  num_flops = flops(step.lower(state, batch, rng).compile())
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], batch, rng)
+    return metrics["loss"]
+
+  report(name, median_seconds(run, iters), items, unit, num_flops, peak_gflops)
