@@ -50,7 +50,9 @@ def get_config(arg=""):
     # conditional coherence 0.35 after 4,000 steps, 0.52 after 20,000.
     config.prior.update(hidden=512, num_layers=3, num_steps=30000, batch_size=256,
                         learning_rate=5e-4, ema_decay=0.999)
-    config.sampling.update(num_steps=100, batch_size=500)
+    # 3 Langevin corrector steps per predictor step: mean conditional coherence
+    # 0.666 vs 0.640 with 1 on the same prior (evaluation 199 s vs 114 s).
+    config.sampling.update(num_steps=100, corrector_steps=3, batch_size=500)
     config.eval.update(num_examples=500, num_unconditional=500)
     if "m10" in tokens:
       config.eval.max_subsets = 5
