@@ -243,6 +243,16 @@ def validate_config(config, stages=()):
       ("reduction.max_steps",
        lambda c: c.reduction.max_steps > 0 or c.reduction.parametrisation != "mlp",
        "0 means 'the linear fit alone', which parametrisation 'mlp' does not have"),
+      # The sampler must not ask for what the prior is not trained on.
+      ("sampling.clean_conditioning",
+       lambda c: not c.sampling.clean_conditioning or c.prior.clean_count_dist != "none",
+       "needs a prior trained with clean modalities; prior.clean_count_dist='none' "
+       "trains none (use sampling.clean_conditioning=False)"),
+      ("sampling.guidance",
+       lambda c: not c.sampling.guidance or (c.prior.absent_prob > 0
+                                             and c.prior.clean_count_dist != "none"),
+       "needs a prior trained with absent modalities (prior.absent_prob > 0 and clean "
+       "modalities to make absent); use sampling.guidance=0"),
   )
   for key, test, what in checks:
     try:

@@ -1,10 +1,11 @@
 """Metric writing: TensorBoard event files and JSON, from process 0 only."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np
+
+from sbmae import faults
 
 
 class Writer:
@@ -33,11 +34,8 @@ class Writer:
     """Writes `payload` to `path` as indented JSON (atomically)."""
     if not self._active:
       return
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_to_builtin))
-    tmp.replace(path)
+    faults.write_text(path, json.dumps(payload, indent=2, sort_keys=True,
+                                       default=_to_builtin))
 
   def close(self):
     if self._tb is not None:

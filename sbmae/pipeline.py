@@ -28,7 +28,6 @@ from sbmae import stages
 from sbmae import system
 from sbmae.data import registry
 from sbmae.eval import driver
-from sbmae.reduction import reduction
 from sbmae.stages import autoencoders
 from sbmae.stages import classifier
 from sbmae.stages import prior
@@ -71,7 +70,7 @@ def _finished_step(directory):
 
 def _finished(config, run):
   """Stage -> (the output later stages read, whether it is complete)."""
-  summary = run.reduction / reduction.SUMMARY_FILE
+  summary = reduce.summary(run)
   prior_dir = run.checkpoints("prior")
   return {
       "classifier": (run.classifier_accuracy, run.classifier_accuracy.exists()),

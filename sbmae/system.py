@@ -20,6 +20,7 @@ import numpy as np
 from sbmae import errors
 from sbmae import latents as latents_lib
 from sbmae import rundir
+from sbmae import stages
 from sbmae.data import registry
 from sbmae.diffusion import sample as sample_lib
 from sbmae.stages import autoencoders
@@ -107,6 +108,10 @@ class MultimodalModel:
   def encode(self, batch):
     """dict name -> data [B, ...] for every modality -> flat latent [B, D]."""
     self.check_batch(batch, self.names)
+    return self._encode(batch)
+
+  def _encode(self, batch):
+    """`encode` of a batch already checked."""
     z = self._encode_ae(self.ae_params, {n: batch[n] for n in self.names})
     return self.latents_to_flat(self.stats.whiten(z))
 
@@ -143,20 +148,23 @@ class MultimodalModel:
     size = len(next(batch[n] for n in self.names if n in batch))
     full = {m.name: batch[m.name] if m.name in batch else
             jnp.zeros((size,) + tuple(m.shape), jnp.float32) for m in self.modalities}
-    flat = self.encode(full)
+    flat = self._encode(full)  # checked above; the zero-filled rest needs no check
     latents = self.sampler(rng, self.prior_params, flat, jnp.asarray(observed, bool))
     return self.decode(latents, decode_rng)
 
 
 def build(config, run):
-  """The trained MultimodalModel of `run` (a RunDir whose stages are finished)."""
+  """The trained MultimodalModel of `run` (a RunDir whose stages are finished).
+
+  The config must be valid (`errors.validate_config`; the pipeline and `load`
+  check it).
+  """
   mods = registry.get(config.data).modalities(config.data)
   names = [m.name for m in mods]
   models, ae_params, stats = autoencoders.restore(config, run, mods)
   red = reduce.restore(run) if config.reduction.enabled else None
   dims = ([red.ranks[n] for n in names] if red is not None
           else [int(stats.mean[n].shape[0]) for n in names])
-  prior.check_sampling_config(config)
   sde, _, score_fn, params = prior.restore(config, run, dims)
   return MultimodalModel(mods, models, ae_params, stats, red, sde, score_fn, params,
                          config.sampling)
@@ -174,4 +182,7 @@ def load(workdir, config=None):
     MultimodalModel with the prior's EMA parameters.
   """
   run = rundir.RunDir(workdir)
-  return build(run.load_config() if config is None else config, run)
+  config = run.load_config() if config is None else config
+  # e.g. sampling settings the prior was not trained for.
+  errors.validate_config(config, stages.STAGES)
+  return build(config, run)

@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 
 from configs import polymnist as polymnist_config
+from sbmae import errors
 from sbmae import pipeline
 from sbmae import system
 from sbmae import training
 from sbmae.tools import rank_sweep
-from sbmae.stages import prior
-
-
-# Tiny sizes for the quick config, as dotted config keys (also passed as
-# --config.KEY=VALUE flags to the command-line tools).
 
 
 def test_two_step_pipeline_writes_every_output(tmp_path, tiny_config):
@@ -85,15 +81,15 @@ def test_bad_config_values_are_named(tiny_config):
     polymnist_config.get_config("quick,fast")
   # The sampler must not ask for what the prior was not trained on.
   config = tiny_config()
-  prior.check_sampling_config(config)
+  errors.validate_config(config)
   config.prior.clean_count_dist = "none"
   with pytest.raises(ValueError, match="clean_conditioning"):
-    prior.check_sampling_config(config)
+    errors.validate_config(config)
   config.sampling.clean_conditioning = False
   with pytest.raises(ValueError, match="guidance"):
-    prior.check_sampling_config(config)
+    errors.validate_config(config)
   config.sampling.guidance = 0.0
-  prior.check_sampling_config(config)
+  errors.validate_config(config)
 
 
 def test_unknown_config_key_on_the_command_line_is_named(tmp_path):

@@ -16,10 +16,6 @@ from sbmae import training
 from sbmae.stages import autoencoders
 
 
-# Tiny sizes for the quick config, as dotted config keys (also passed as
-# --config.KEY=VALUE flags to the command-line tools).
-
-
 class _Interrupt(Exception):
   pass
 

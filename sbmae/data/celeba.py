@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import pathlib
 import re
-import tempfile
 import time
 
 from absl import logging
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from sbmae import errors
+from sbmae import faults
 
 ATTRIBUTES = (
     "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows",
@@ -354,21 +354,6 @@ def cache_path(cache_dir, image_size):
       f"celebamask_hq_{image_size}px_v{CACHE_VERSION}.npz")
 
 
-def _write_atomic(path, data):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
-                             dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def load_celeba(root, image_size, cache_dir, *, num_test=5000,
                 num_workers=None):
   """Like `read_split`, but preprocesses once into `cache_dir` and reuses it.
@@ -400,7 +385,8 @@ def load_celeba(root, image_size, cache_dir, *, num_test=5000,
                  image_size, path, len(data["index"]))
   else:
     data = _read_all(root, image_size, num_test, num_workers, progress=True)
-    _write_atomic(path, data)
+    with faults.atomic_write(path) as f:
+      np.savez(f, **data)
     logging.info("Wrote the CelebAMask-HQ %dpx cache %s", image_size, path)
   _check_num_test(num_test, len(data["index"]), path)
   return _split(data, num_test)

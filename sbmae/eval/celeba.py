@@ -127,6 +127,12 @@ class Scorer:
                for k, v in scores.items()}
     return metrics, per_subset
 
+  @staticmethod
+  def save_examples(path, arrays, names, num=8):
+    """A sheet of the first `num` training tuples (`sheets.save_examples`)."""
+    del names  # always image, mask, attrs
+    sheets.save_examples(path, arrays, num)
+
   def picture(self, kind, output, observed=(), index=0):
     """A sheet of the first tuples, test data beside the output (not for unconditional).
 

@@ -16,6 +16,7 @@ Scorer(config, run_dir, names, truth, labels) and has
   reconstruction(output) -> scores
   summarise(conditional, unconditional, reconstruction) -> (metrics, per_subset)
       with conditional = {k: {observed: scores}}
+  save_examples(path, arrays, names, num)  (static: the data examples picture)
   picture(kind, output, observed=(), index=0)  (kind: "conditional",
       "unconditional" or "reconstruction"; index: the subset's position
       among the evaluated subsets of its size)
@@ -169,8 +170,5 @@ def run(config, run_dir, mm, test_arrays, writer):
 
 
 def save_examples(config, path, arrays, names, num=8):
-  """PNG of the first `num` training tuples, drawn the data set's way."""
-  if config.data.name == "celeba":
-    from sbmae.eval import sheets  # pylint: disable=g-import-not-at-top
-    return sheets.save_examples(path, arrays, num)
-  return polymnist.save_examples(path, arrays, names, num)
+  """PNG of the first `num` training tuples, drawn the data set's way (its scorer's)."""
+  SCORERS[config.data.name].save_examples(path, arrays, names, num)

@@ -96,6 +96,12 @@ class Scorer:
     metrics.update({f"coherence/reconstruction_{n}": v for n, v in reconstruction.items()})
     return metrics, per_subset
 
+  @staticmethod
+  def save_examples(path, arrays, names, num=8):
+    """PNG of the first `num` training tuples, one row each (uint8 images)."""
+    grid = np.stack([np.asarray(arrays[n][:num]) for n in names], axis=1)
+    images.save_png(path, images.grid(grid), scale=2)
+
   def picture(self, kind, output, observed=(), index=0):
     """PNG grid of the first tuples, one row each.
 
@@ -118,8 +124,3 @@ class Scorer:
     grid = np.stack([np.asarray(r[:num]) for r in row], axis=1)
     images.save_png(self.run.eval_picture(name), images.grid(grid), scale=2)
 
-
-def save_examples(path, arrays, names, num=8):
-  """PNG of the first `num` training tuples, one row each (uint8 images)."""
-  grid = np.stack([np.asarray(arrays[n][:num]) for n in names], axis=1)
-  images.save_png(path, images.grid(grid), scale=2)

@@ -323,7 +323,7 @@ _ARRAY_FIELDS = ("eigenvalues", "eigenvectors")
 
 
 def check_whitened(latents: Mapping[str, Any], tolerance: float = 0.5):
-  """Raises ValueError naming the modality whose block is clearly not whitened.
+  """Raises DataError naming the modality whose block is clearly not whitened.
 
   The reduction's reference density is N(0, I): raw latents would make every
   direction look informative. Loose on purpose, so that any large sample of
@@ -334,7 +334,7 @@ def check_whitened(latents: Mapping[str, Any], tolerance: float = 0.5):
     z = np.asarray(z, np.float64)
     mean, var = np.abs(z.mean(0)).max(), z.var(0)
     if mean > tolerance or var.max() > 1 + tolerance or var.min() < 1 / (1 + tolerance):
-      raise ValueError(
+      raise errors.DataError(
           f"latents of modality {n!r} are not whitened (largest |mean| {mean:.3g}, "
           f"variances {var.min():.3g}..{var.max():.3g}): pass them through "
           "sbmae.latents.Whitening first (a variance near 0 means a constant direction)")

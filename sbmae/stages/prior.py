@@ -41,18 +41,6 @@ def init_params(model, rng, dim):
 
 
 
-def check_sampling_config(config):
-  """Raises ValueError when the sampler asks for what the prior was not trained on."""
-  if config.sampling.clean_conditioning and config.prior.clean_count_dist == "none":
-    raise ValueError("sampling.clean_conditioning=True needs a prior trained with clean "
-                     "modalities; prior.clean_count_dist='none' trains none")
-  if config.sampling.guidance and (not config.prior.absent_prob > 0
-                                   or config.prior.clean_count_dist == "none"):
-    raise ValueError(f"sampling.guidance={config.sampling.guidance} needs a prior trained "
-                     "with absent modalities (prior.absent_prob > 0 and clean modalities "
-                     "to make absent); use sampling.guidance=0")
-
-
 def get_heldout_eval_fn(sde, model, dims, config, datasets, seed):
   """The per-k denoising loss of given parameters on fixed data.
 

@@ -10,16 +10,23 @@ import time
 from absl import logging
 import jax
 
+from sbmae import errors
 from sbmae import stages
 from sbmae.reduction import reduction
 
 STAGE = "reduce"
 
 
+def summary(run):
+  """The saved reduction's summary file: written last, so its presence says the stage is done."""
+  return run.reduction / reduction.SUMMARY_FILE
+
+
 def restore(run):
-  """The saved `Reduction` of `run` (a RunDir); FileNotFoundError naming the stage."""
-  if not (run.reduction / reduction.SUMMARY_FILE).exists():
-    raise FileNotFoundError(f"no reduction in {run.reduction}; run the `{STAGE}` stage first")
+  """The saved `Reduction` of `run` (a RunDir); StageOrderError naming the stage."""
+  if not summary(run).exists():
+    raise errors.StageOrderError(f"no reduction in {run.reduction}; run the `{STAGE}` stage "
+                                 "first")
   return reduction.Reduction.restore(run.reduction)
 
 
@@ -35,7 +42,7 @@ def train(config, run, latents, names):
   Returns:
     The `Reduction`.
   """
-  if (run.reduction / reduction.SUMMARY_FILE).exists():
+  if summary(run).exists():
     return restore(run)
   t0 = time.perf_counter()
   red = reduction.fit({n: latents[n] for n in names}, epsilon=config.reduction.epsilon,

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from sbmae import rundir
 from sbmae.reduction import plots
-from sbmae.reduction import reduction
+from sbmae.stages import reduce
 
 _RUNS = flags.DEFINE_multi_string("run", [], "label:workdir of a finished run (repeat).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -62,7 +62,7 @@ def load_run(workdir):
     raise FileNotFoundError(f"{metrics_path} not found: run the evaluate stage of {workdir} "
                             f"first (python -m sbmae.main ... --workdir={workdir}).")
   metrics = json.loads(metrics_path.read_text())["metrics"]
-  summary_path = run.reduction / reduction.SUMMARY_FILE
+  summary_path = reduce.summary(run)
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
   return metrics, summary
 
