@@ -147,6 +147,8 @@ RULES = (
     ("reduction.min_rank", *_NONNEG_INT),
     ("reduction.max_rank", lambda v: _int(v) and v >= -1, "-1 (none) or an integer >= 0"),
     ("reduction.ica_directions", *_NONNEG_INT),
+    ("reduction.marginal_knots", *_NONNEG_INT),
+    ("reduction.smoothing_grid", *_NONNEG_FLOATS),
     ("reduction.significance", *_NONNEG),
     ("sde.name", *_choice("vpsde", "vesde")),
     ("sde.beta_min", *_POSITIVE),

@@ -102,14 +102,18 @@ def test_fit_refuses_latents_that_are_not_whitened():
 
 
 def test_bimodal_subspace_and_rank():
+  # 20,000 samples (the scale of issue #15's benchmark): at 10,000 the splines
+  # of the marginal part smooth the steep step between the modes (measured
+  # eigenvalues 3.1 and 2.3 for 2.94; 2.73 and 2.67 at 20,000).
+  n = 20000
   rs = np.random.RandomState(1)
   a = 0.9
   rot = np.linalg.qr(rs.randn(D, D))[0]
-  y = rs.randn(N, D)
-  y[:, :2] = (rs.choice([-a, a], size=(N, 2))
-              + np.sqrt(1 - a * a) * rs.randn(N, 2))
+  y = rs.randn(n, D)
+  y[:, :2] = (rs.choice([-a, a], size=(n, 2))
+              + np.sqrt(1 - a * a) * rs.randn(n, 2))
   m, mu = _mixing(rs, D)
-  white, x = _whitened({"b": mu + (y @ rot.T) @ m.T, "g": rs.randn(N, 4)})
+  white, x = _whitened({"b": mu + (y @ rot.T) @ m.T, "g": rs.randn(n, 4)})
   red = reduction.fit(x, epsilon=0.3, rng=jax.random.key(1),
                       config=reduction.ReductionConfig(min_rank=0))
   assert red.ranks == {"b": 2, "g": 0}
@@ -247,8 +251,8 @@ def test_private_mode_beside_shared_structure_and_the_noise_floor():
   for name in ("m0", "m1"):
     basis = np.asarray(white.whitener[name], np.float64) @ truth[name][0]
     assert _angle(basis, red.bases[name]) < np.radians(10)
-  # The bimodal direction is the largest: its J - 1 = 15.9. The fitted ridge
-  # function overshoots sharp modes (README: 17-25 on the known-structure
-  # benchmark), so only the right size is asserted here.
+  # The bimodal direction is the largest: its J - 1 = 15.9. At 6,000 samples
+  # (1,200 held out for H) only the right size is asserted; the benchmark
+  # checks 25% at 20,000.
   np.testing.assert_allclose(red.eigenvalues["m0"][0],
                              testing.bimodal_eigenvalue(0.97), rtol=0.4)

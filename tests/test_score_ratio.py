@@ -8,30 +8,73 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sbmae import latents as latents_lib
+from sbmae import testing
 from sbmae.reduction import reduction
 from sbmae.reduction import score_ratio
 
 
+def _base(kind, dim, rng):
+  """Fixed parts of a model: {} for "mlp", else a random linear and marginal part."""
+  if kind == "mlp":
+    return {}
+  rs = np.random.RandomState(rng)
+  knots = np.sort(rs.randn(dim, 8) * 2, axis=1)
+  return {"linear": jnp.asarray(rs.randn(dim, dim) * 0.3, jnp.float32),
+          "marginal": {"W": jnp.asarray(np.linalg.qr(rs.randn(dim, dim))[0], jnp.float32),
+                       "knots": jnp.asarray(knots, jnp.float32),
+                       "theta": jnp.asarray(rs.randn(dim, 8), jnp.float32)}}
 
 
 @pytest.mark.parametrize("kind", score_ratio.PARAMETRISATIONS)
-def test_divergence_is_the_jacobian_trace(kind, random_like):
+def test_divergence_and_curvature_are_those_of_the_jacobian(kind, random_like):
   dim = 7
   config = reduction.ReductionConfig(parametrisation=kind, divergence="exact",
                                      bottleneck=4, width=8, depth=1)
   model = score_ratio.get_model(dim, config)
-  params = random_like(model.init(jax.random.key(0), jnp.eye(dim)), scale=0.5)
+  base = _base(kind, dim, 1)
+  params = dict(random_like(model.init(jax.random.key(0), base), scale=0.5), **base)
   x = jax.random.normal(jax.random.key(2), (5, dim))
+  directions = jnp.asarray(np.linalg.qr(np.random.RandomState(4).randn(dim, 3))[0].T,
+                           jnp.float32)
 
   @jax.jit
   def check(params, x):
     s, div = model.score_and_divergence(params, x, jax.random.key(3))
     jac = jax.vmap(jax.jacfwd(lambda xi: model.score(params, xi[None])[0]))(x)
-    return s, model.score(params, x), div, jnp.trace(jac, axis1=1, axis2=2)
+    quad = jnp.einsum("kd,bde,ke->bk", directions, jac, directions)
+    return (s, model.score(params, x), div, jnp.trace(jac, axis1=1, axis2=2),
+            model.curvature(params, x, directions), quad)
 
-  s, s_direct, div, trace = check(params, x)
+  s, s_direct, div, trace, curvature, quad = check(params, x)
   np.testing.assert_allclose(s, s_direct, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(div, trace, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(curvature, quad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("law,param,eigenvalue", [
+    ("student", 3.0, testing.student_t_eigenvalue(3.0)),
+    ("bimodal", 0.8, testing.bimodal_eigenvalue(0.8)),
+    ("bimodal", 0.97, testing.bimodal_eigenvalue(0.97))])
+def test_marginal_fit_recovers_a_private_law(law, param, eigenvalue):
+  # One non-Gaussian unit in 8 rotated dims: the marginal splines alone must
+  # give its direction and its H eigenvalue J - 1, and ~0 elsewhere.
+  raw, truth, _ = testing.synthetic_latents([[(law, param)]], 20000, seed=1, dim=8)
+  white = latents_lib.Whitening.fit(raw)
+  x = jnp.asarray(white.whiten(raw)["m0"], jnp.float32)
+  x_train, x_held = x[:16000], x[16000:]
+  b0, _, _ = score_ratio.linear_fit(x_train, x_held, (0.0, 1.0, 2.0))
+  marginal, gain = score_ratio.marginal_fit(
+      x_train, x_held, b0, (8,), jax.random.key(0), num_knots=24,
+      smoothing_grid=reduction.ReductionConfig().smoothing_grid)
+  assert gain < 0
+  s = x_held @ b0.T + score_ratio.marginal_score(marginal, x_held)[0]
+  lam, vec = np.linalg.eigh(np.asarray(s.T @ s) / len(s))
+  np.testing.assert_allclose(lam[-1], eigenvalue, rtol=0.25)
+  assert lam[-2] < 0.1 * eigenvalue
+  true_direction = np.asarray(white.whitener["m0"], np.float64) @ truth["m0"][0][:, 0]
+  cos = abs(vec[:, -1] @ true_direction) / np.linalg.norm(true_direction)
+  assert cos > np.cos(np.radians(10))
 
 
 def test_hutchinson_divergence_averages_to_the_trace(random_like):
@@ -41,7 +84,7 @@ def test_hutchinson_divergence_averages_to_the_trace(random_like):
   model = score_ratio.get_model(dim, config)
   exact = score_ratio.get_model(dim, dataclasses.replace(config,
                                                        divergence="exact"))
-  params = random_like(model.init(jax.random.key(0), jnp.eye(dim)), scale=0.5)
+  params = random_like(model.init(jax.random.key(0), {"linear": jnp.eye(dim)}), scale=0.5)
   x = jax.random.normal(jax.random.key(2), (5, dim))
   _, div_h = jax.jit(model.score_and_divergence)(params, x, jax.random.key(4))
   _, div = jax.jit(exact.score_and_divergence)(params, x, jax.random.key(4))
@@ -57,7 +100,7 @@ def test_objective_of_linear_score_has_closed_form():
   rs = np.random.RandomState(7)
   b = jnp.asarray(rs.randn(dim, dim), jnp.float32)
   x = jnp.asarray(rs.randn(500, dim) @ rs.randn(dim, dim), jnp.float32)
-  params = model.init(jax.random.key(0), b)  # residual starts at zero
+  params = model.init(jax.random.key(0), {"linear": b})  # residual starts at zero
   f = jax.jit(score_ratio.get_objective_fn(model))(params, jax.random.key(1), x)
   s2 = np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / len(x)
   bb = np.asarray(b, np.float64)

@@ -5,10 +5,11 @@ mu_m), L_m L_m^T the empirical precision of block m), so the reference density
 is rho = N(0, I_D). The score
 ratio s = grad log(pi / rho) is fitted by minimising the implicit objective
 F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"; the model and its
-training live in `sbmae.reduction.score_ratio`): a closed-form linear term plus a
-nonlinear residual that is dropped unless it beats the linear term on
-held-out data; its ridge directions start at each block's most non-Gaussian
-directions, so a lone private mode is not lost beside shared structure. Only
+training live in `sbmae.reduction.score_ratio`): a closed-form linear term,
+closed-form splines of every direction's marginal law in each block's ICA
+basis (so a private non-Gaussian unit, however weak, is not lost beside shared
+structure), and a nonlinear residual for the dependence between directions,
+dropped unless it beats the closed-form parts on held-out data. Only
 the diagonal blocks H_mm = E[s_m s_m^T] of the diagnostic matrix are
 accumulated, on the held-out samples; their eigenvectors give each modality's
 basis U_m. Each eigenvector then takes a cross-fitted test (Stein's identity on
@@ -55,9 +56,10 @@ class ReductionConfig:
   """Settings of `fit`; the defaults suit N ~ 1e4 samples of D ~ 10..1000 dims.
 
   Attributes:
-    parametrisation: form of s_theta. All but "mlp" are B_0 x + r(x): B_0 the
-      closed-form linear fit of `linear_fit` (exact for Gaussian latents),
-      kept fixed, and r a learned nonlinear residual. "ridge":
+    parametrisation: form of s_theta. All but "mlp" are B_0 x + m(x) + r(x):
+      B_0 the closed-form linear fit of `linear_fit` (exact for Gaussian
+      latents), m the closed-form marginal splines of `marginal_fit` (see
+      marginal_knots), both kept fixed, and r a learned nonlinear residual. "ridge":
       r(x) = A g(W^T x), A, W in R^{D x k}, g acting on each of its k
       coordinates separately (a sum of k ridge functions; exact divergence in
       one jvp). "lowrank": the same with g an MLP on R^k. "linear_mlp":
@@ -82,6 +84,12 @@ class ReductionConfig:
     ica_directions: per block, W columns ("ridge", "lowrank") that start at
       the block's most non-Gaussian directions (`score_ratio.ica_directions`)
       instead of at random; 0: all random.
+    marginal_knots: J, spline knots per direction of the closed-form
+      marginal part (`score_ratio.marginal_fit`: every direction of each
+      block's ICA basis gets the score ratio of its own marginal law, so weak
+      private units are found); 0: no marginal part. Not used by "mlp".
+    smoothing_grid: roughness-penalty weights of the marginal splines, one
+      chosen per direction by held-out F.
     significance: z-score a direction of H_mm must reach in the cross-fitted
       test of `score_ratio.direction_z_scores` to count as structure; the
       others are the estimator's noise floor and are never kept (their
@@ -112,6 +120,8 @@ class ReductionConfig:
   batch_size: int = 256
   max_steps: int = 4000
   ica_directions: int = 4
+  marginal_knots: int = 24
+  smoothing_grid: tuple[float, ...] = tuple(float(10 ** (e / 4)) for e in range(-20, 9))
   significance: float = 4.0
   eval_every: int = 100
   patience: int = 5
@@ -417,7 +427,8 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
     # eigenvalue).
     z, _ = score_ratio.direction_z_scores(
         model.score, params, x_held,
-        jnp.zeros((d, x.shape[1])).at[:, a:a + d].set(vec.T), cfg.batch_size)
+        jnp.zeros((d, x.shape[1])).at[:, a:a + d].set(vec.T), cfg.batch_size,
+        model.curvature)
     signal = np.asarray(z) >= cfg.significance
     order = np.argsort(~signal, kind="stable")
     eigvals.append(lam[order])

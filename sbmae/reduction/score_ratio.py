@@ -3,9 +3,11 @@
 For whitened samples x of pi and the reference rho = N(0, I_D), the score ratio
 s = grad log(pi / rho) minimises the implicit objective
 F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"); F needs no
-density. `train_score_ratio` fits s_theta = B_0 x + r(x): a closed-form linear
-term (`linear_fit`, exact for Gaussian latents, shrunk against sampling noise)
-plus a nonlinear residual, trained by the project's one training loop
+density. `train_score_ratio` fits s_theta = B_0 x + m(x) + r(x): a closed-form
+linear term (`linear_fit`, exact for Gaussian latents, shrunk against sampling
+noise), closed-form splines of each direction's marginal law (`marginal_fit`,
+which finds private non-Gaussian units however weak) and a nonlinear residual
+for the dependence between directions, trained by the project's one training loop
 (`sbmae.training.run`, without checkpoints: the fit takes minutes) with early
 stopping on held-out F.
 `diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T];
@@ -38,16 +40,21 @@ PARAMETRISATIONS = ("ridge", "lowrank", "linear_mlp", "mlp")
 class ScoreRatioModel(NamedTuple):
   """Pure functions of a score-ratio parametrisation.
 
-  init(rng, b0, w0=None) -> params, b0 [D, D] the linear fit (None for
-  "mlp"), stored as params["linear"] and never trained, w0 [D, j] starting
-  directions for the first j columns of W ("ridge", "lowrank"; ignored else); score(params, x[B, D]) -> s[B, D];
+  init(rng, base, w0=None) -> params, base the fixed closed-form parts
+  ({"linear": B_0 [D, D], "marginal": `marginal_fit`'s dict}, either optional;
+  {} for "mlp"), stored in params under those keys and never trained, w0
+  [D, j] starting directions for the first j columns of W ("ridge",
+  "lowrank"; ignored else); score(params, x[B, D]) -> s[B, D];
   score_and_divergence(params, x[B, D], rng) -> (s[B, D], div s [B]);
-  penalty(params) -> the sum of squares that the penalty coefficient scales.
+  penalty(params) -> the sum of squares that the penalty coefficient scales;
+  curvature(params, x[B, D], directions[K, D]) -> u^T J_s(x) u [B, K] (for
+  `direction_z_scores`).
   """
   init: Callable[..., Params]
   score: Callable[[Params, jax.Array], jax.Array]
   score_and_divergence: Callable[..., tuple[jax.Array, jax.Array]]
   penalty: Callable[[Params], jax.Array]
+  curvature: Callable[..., jax.Array]
 
 
 def _weighted_trace(f, u, rng, weight, mode, num_probes):
@@ -151,8 +158,147 @@ def ica_directions(x, rng, *, num, iterations=100):
   return w[jnp.argsort(-contrast)[:num]].T
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "batch_size"))
-def direction_z_scores(score_fn, params, x, directions, batch_size):
+def marginal_features(t, knots):
+  """Spline features of every coordinate of t and their derivatives.
+
+  Coordinate k gets J hat functions centred at knots[k, 1:-1] (each rising from
+  the knot before it and falling to the knot after it) and two linear tails,
+  min(t - knots[k, 1], 0) and max(t - knots[k, -2], 0), so a fitted function
+  keeps a slope beyond the data's bulk (heavy tails).
+
+  Args:
+    t: [B, K] coordinates.
+    knots: [K, J + 2] increasing knots per coordinate.
+
+  Returns:
+    (phi, dphi), each [B, K, J + 2]: the features and their derivatives in t.
+  """
+  a, m, b = knots[:, :-2], knots[:, 1:-1], knots[:, 2:]
+  u = t[..., None]
+  rise, fall = (u - a) / (m - a), (b - u) / (b - m)
+  hats = jnp.maximum(0.0, jnp.minimum(rise, fall))
+  dhats = (jnp.where((u > a) & (u < m), 1 / (m - a), 0.0)
+           - jnp.where((u >= m) & (u < b), 1 / (b - m), 0.0))
+  lo, hi = knots[:, 1], knots[:, -2]
+  tails = jnp.stack([jnp.minimum(t - lo, 0), jnp.maximum(t - hi, 0)], -1)
+  dtails = jnp.stack([(t < lo), (t > hi)], -1).astype(t.dtype)
+  return (jnp.concatenate([hats, tails], -1),
+          jnp.concatenate([dhats, dtails], -1))
+
+
+def marginal_score(marginal, x):
+  """(s, div s) of the marginal part sum_k w_k g_k(w_k.x) at x [B, D].
+
+  `marginal` is what `marginal_fit` returns; W has orthonormal columns, so
+  div s = sum_k g_k'(w_k.x).
+  """
+  phi, dphi = marginal_features(x @ marginal["W"], marginal["knots"])
+  g = jnp.einsum("bkj,kj->bk", phi, marginal["theta"])
+  return g @ marginal["W"].T, jnp.einsum("bkj,kj->b", dphi, marginal["theta"])
+
+
+def _marginal_terms(x, w, b0, knots):
+  """Features, their derivatives and the regression target of every direction."""
+  t = x @ w
+  phi, dphi = marginal_features(t, knots)
+  return phi, dphi, t - (x @ b0.T) @ w  # target: the linear part's share removed
+
+
+@jax.jit
+def _marginal_moments(x, w, b0, knots):
+  """Per-direction normal equations of the marginal fit: (G [K, J', J'], r [K, J'])."""
+  phi, dphi, target = _marginal_terms(x, w, b0, knots)
+  n = x.shape[0]
+  gram = jnp.einsum("nkj,nki->kji", phi, phi) / n
+  return gram, jnp.einsum("nkj,nk->kj", phi, target) / n - jnp.mean(dphi, 0)
+
+
+@jax.jit
+def _marginal_gain_z(x, w, b0, knots, theta):
+  """(z-score, mean) of each direction's held-out F gain over g = 0."""
+  phi, dphi, target = _marginal_terms(x, w, b0, knots)
+  g = jnp.einsum("nkj,kj->nk", phi, theta)
+  f = 0.5 * g * g + jnp.einsum("nkj,kj->nk", dphi, theta) - g * target
+  mean, var = jnp.mean(f, 0), jnp.var(f, 0)
+  return mean / jnp.sqrt(jnp.maximum(var, 1e-12) / x.shape[0]), mean
+
+
+def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
+                 smoothing_grid, min_gain_z=2.0, tail_quantile=0.002,
+                 ica_iterations=100):
+  """Closed-form score ratio of each direction's marginal law, on top of B_0 x.
+
+  Why: a private law (a bimodal or heavy-tailed unit of one modality) is a
+  needle for gradient descent next to dominant shared structure, and a weak
+  one never beats the noise of a stochastic fit. Its score ratio is a 1-d
+  function of one direction: in each block's ICA basis (the full rotation of
+  `ica_directions`) the model sum_k w_k g_k(w_k.x), g_k a spline
+  (`marginal_features`, J uniform knots between the `tail_quantile` quantiles
+  of w_k.x), makes F quadratic and separable in the directions, so every g_k is
+  a J x J solve. A second-difference roughness penalty (weight chosen per
+  direction from `smoothing_grid` by held-out F) keeps g_k off sampling
+  noise; a direction whose held-out F gain is not `min_gain_z` standard errors
+  below 0 gets g_k = 0 (most noise directions: their spurious eigenvalues
+  would crowd the noise floor).
+
+  Args:
+    x_train: [n, D] whitened training samples.
+    x_held_out: [m, D] whitened held-out samples.
+    b0: [D, D] the linear fit (`linear_fit`), kept fixed.
+    dims: block sizes d_m, summing to D.
+    rng: key for the ICA starts.
+    num_knots: J, hat functions per direction.
+    smoothing_grid: roughness-penalty weights tried.
+    min_gain_z: held-out gain (in standard errors) a direction must show.
+    tail_quantile: the outer knots sit at this quantile and its complement.
+    ica_iterations: FastICA fixed-point iterations.
+
+  Returns:
+    (marginal, held-out F gain over B_0 x alone): marginal = dict(W [D, D]
+    block-diagonal orthonormal, knots [D, J + 2], theta [D, J + 2]).
+  """
+  edges = np.cumsum((0,) + tuple(dims))
+  dim = int(edges[-1])
+  w = np.zeros((dim, dim), np.float32)
+  for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+    w[a:b, a:b] = np.asarray(ica_directions(
+        x_train[:, a:b], jax.random.fold_in(rng, i), num=int(b - a),
+        iterations=ica_iterations))
+  w = jnp.asarray(w)
+  t = np.asarray(x_train @ w)
+  lo, hi = np.quantile(t, [tail_quantile, 1 - tail_quantile], axis=0)
+  knots = jnp.asarray(lo[:, None] + (hi - lo)[:, None] * np.linspace(
+      0, 1, num_knots + 2)[None], jnp.float32)
+  size = num_knots + 2
+  diff = np.diff(np.eye(num_knots), 2, axis=0)
+  rough = np.zeros((size, size), np.float32)
+  rough[:num_knots, :num_knots] = diff.T @ diff
+  rough[num_knots:, num_knots:] = 1e-3 * np.eye(2)  # keeps the solve proper
+  lams = jnp.asarray(smoothing_grid, jnp.float32)[:, None, None, None]
+  solve = lambda gram, r: jnp.linalg.solve(gram + lams * rough, r[None, ..., None])[..., 0]
+  objective = lambda thetas, gram, r: (
+      0.5 * jnp.einsum("ldj,dji,ldi->ld", thetas, gram, thetas)
+      - jnp.einsum("ldj,dj->ld", thetas, r))
+  gram, r = _marginal_moments(x_train, w, b0, knots)
+  thetas = solve(gram, r)
+  best = jnp.argmin(objective(thetas, *_marginal_moments(x_held_out, w, b0, knots)), 0)
+  theta = thetas[best, jnp.arange(dim)]
+  z, gain = _marginal_gain_z(x_held_out, w, b0, knots, theta)
+  keep = z < -min_gain_z
+  return (dict(W=w, knots=knots, theta=jnp.where(keep[:, None], theta, 0.0)),
+          float(jnp.sum(jnp.where(keep, gain, 0.0))))
+
+
+def jvp_curvature(score_fn, params, x, directions):
+  """u^T J_s(x) u [B, K] for every direction u [K, D], by one jvp each."""
+  f = lambda v: score_fn(params, v)
+  jvps = jax.vmap(lambda u: jax.jvp(f, (x,), (jnp.broadcast_to(u, x.shape),))[1])(
+      directions)  # [K, B, D]
+  return jnp.einsum("kbd,kd->bk", jvps, directions)
+
+
+@functools.partial(jax.jit, static_argnames=("score_fn", "batch_size", "curvature_fn"))
+def direction_z_scores(score_fn, params, x, directions, batch_size, curvature_fn=None):
   """Cross-fitted test of each direction u: is E[(u.s)(u.s*)] > 0?
 
   By Stein's identity (integration by parts against pi), for any fixed s and
@@ -167,20 +313,19 @@ def direction_z_scores(score_fn, params, x, directions, batch_size):
     x: [n, D] samples not used to fit params.
     directions: [K, D] unit directions.
     batch_size: samples per step.
+    curvature_fn: curvature_fn(params, x[B, D], directions) -> u^T J_s u
+      [B, K] (`ScoreRatioModel.curvature`); None: `jvp_curvature`.
 
   Returns:
     (z [K], mean [K]): z-scores and the estimates of E[(u.s)(u.s*)].
   """
   xb, wb = _batched(x, batch_size)
+  curvature_fn = curvature_fn or functools.partial(jvp_curvature, score_fn)
 
   def body(acc, inp):
     xi, wi = inp
-    f = lambda v: score_fn(params, v)
-    s = f(xi)
-    jvps = jax.vmap(lambda u: jax.jvp(f, (xi,), (jnp.broadcast_to(u, xi.shape),))[1])(
-        directions)  # [K, B, D]
-    stat = (s @ directions.T) * (xi @ directions.T) - jnp.einsum(
-        "kbd,kd->bk", jvps, directions)
+    stat = ((score_fn(params, xi) @ directions.T) * (xi @ directions.T)
+            - curvature_fn(params, xi, directions))
     stat = stat * wi[:, None]
     return (acc[0] + stat.sum(0), acc[1] + (stat * stat).sum(0)), None
 
@@ -205,13 +350,13 @@ def get_model(dim: int, config) -> ScoreRatioModel:
     net = (RidgeFunctions(k, config.width) if kind == "ridge" else
            MLP(k, config.width, config.depth, zero_output=False))
 
-    def init(rng, b0, w0=None):
+    def init(rng, base, w0=None):
       rw, rg = jax.random.split(rng)
       w = jax.random.normal(rw, (dim, k)) / math.sqrt(dim)
       if w0 is not None:
         w = w.at[:, :min(k, w0.shape[1])].set(w0[:, :k])
-      return {"linear": b0, "A": jnp.zeros((dim, k)), "W": w,
-              "g": net.init(rg, jnp.zeros((k,)))["params"]}
+      return dict(base, A=jnp.zeros((dim, k)), W=w,
+                  g=net.init(rg, jnp.zeros((k,)))["params"])
 
     def residual(params, x):
       return net.apply({"params": params["g"]}, x @ params["W"]) @ params["A"].T
@@ -233,10 +378,9 @@ def get_model(dim: int, config) -> ScoreRatioModel:
   elif kind in ("linear_mlp", "mlp"):
     net = MLP(dim, config.width, config.depth)
 
-    def init(rng, b0, w0=None):
+    def init(rng, base, w0=None):
       del w0
-      params = {"net": net.init(rng, jnp.zeros((dim,)))["params"]}
-      return params if kind == "mlp" else dict(params, linear=b0)
+      return dict(base, net=net.init(rng, jnp.zeros((dim,)))["params"])
 
     def residual(params, x):
       return net.apply({"params": params["net"]}, x)
@@ -255,19 +399,39 @@ def get_model(dim: int, config) -> ScoreRatioModel:
     raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, "
                      f"got {kind!r}")
 
-  def score(params, x):
-    s = residual(params, x)
+  def base(params, x):
+    """(s, div s) of the fixed closed-form parts present in params."""
+    s, div = jnp.zeros_like(x), jnp.zeros(x.shape[:1], x.dtype)
     if "linear" in params:
-      s = s + x @ jax.lax.stop_gradient(params["linear"]).T
-    return s
+      b0 = jax.lax.stop_gradient(params["linear"])
+      s, div = s + x @ b0.T, div + jnp.trace(b0)
+    if "marginal" in params:
+      s_m, div_m = marginal_score(jax.lax.stop_gradient(params["marginal"]), x)
+      s, div = s + s_m, div + div_m
+    return s, div
+
+  def score(params, x):
+    return residual(params, x) + base(params, x)[0]
+
+  def curvature(params, x, directions):
+    # u^T J u: closed form for the fixed parts (J = B_0 + W diag(g'(t)) W^T),
+    # jvps through the residual alone.
+    out = jvp_curvature(residual, params, x, directions)
+    if "linear" in params:
+      out = out + jnp.sum((directions @ params["linear"]) * directions, -1)
+    if "marginal" in params:
+      marginal = params["marginal"]
+      _, dphi = marginal_features(x @ marginal["W"], marginal["knots"])
+      dg = jnp.einsum("bkj,kj->bk", dphi, marginal["theta"])
+      out = out + dg @ (marginal["W"].T @ directions.T) ** 2
+    return out
 
   def score_and_divergence(params, x, rng):
-    div = residual_divergence(params, x, rng)
-    if "linear" in params:
-      div = div + jnp.trace(params["linear"])
-    return score(params, x), div
+    s_base, div_base = base(params, x)
+    return (residual(params, x) + s_base,
+            residual_divergence(params, x, rng) + div_base)
 
-  return ScoreRatioModel(init, score, score_and_divergence, penalty)
+  return ScoreRatioModel(init, score, score_and_divergence, penalty, curvature)
 
 
 def get_objective_fn(model: ScoreRatioModel):
@@ -356,34 +520,46 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
     x_train: [n, D] whitened training samples.
     x_held_out: [m, D] whitened held-out samples.
     rng: PRNG key.
-    dims: block sizes d_m (summing to D); the first W columns of "ridge" and
-      "lowrank" start at each block's `config.ica_directions` most
-      non-Gaussian directions. None: one block.
+    dims: block sizes d_m (summing to D); the marginal splines
+      (`marginal_fit`, if `config.marginal_knots`) live in each block's ICA
+      basis, and the first W columns of "ridge" and "lowrank" start at each
+      block's `config.ica_directions` most non-Gaussian directions. None: one
+      block.
     config: a `sbmae.reduction.ReductionConfig` (its score-ratio fields).
 
   Returns:
     (model, params, info): the ScoreRatioModel, the parameters with the best
     held-out F, and a dict with "held_out_objective" (that F),
     "linear_held_out_objective" (F of the linear fit alone, if any),
+    "base_held_out_objective" (F of the closed-form parts, before training),
     "train_steps" and "best_step".
   """
   n, dim = x_train.shape
+  dims = tuple(dims or (dim,))
   model = get_model(dim, config)
-  b0 = None
+  k_init, k_train, k_eval, k_ica = jax.random.split(rng, 4)
+  base, info = {}, {}
   if config.parametrisation != "mlp":
-    b0, rule, linear_f = linear_fit(x_train, x_held_out, config.threshold_grid)
-    logging.info("reduction: linear fit (%s), held-out F %.4f", rule, linear_f)
+    base["linear"], rule, info["linear_held_out_objective"] = linear_fit(
+        x_train, x_held_out, config.threshold_grid)
+    logging.info("reduction: linear fit (%s), held-out F %.4f", rule,
+                 info["linear_held_out_objective"])
+    if config.marginal_knots:
+      base["marginal"], gain = marginal_fit(
+          x_train, x_held_out, base["linear"], dims, k_ica,
+          num_knots=config.marginal_knots, smoothing_grid=config.smoothing_grid)
+      logging.info("reduction: marginal splines, held-out F gain %.4f", gain)
   penalty = config.penalty * math.sqrt(dim / n)
   loss_fn = get_loss_fn(model, penalty)
   objective_fn = get_objective_fn(model)
-  k_init, k_train, k_eval, k_ica = jax.random.split(rng, 4)
   w0 = None
   if config.parametrisation in ("ridge", "lowrank") and config.ica_directions:
-    edges = np.cumsum((0,) + tuple(dims or (dim,)))
+    edges = np.cumsum((0,) + dims)
     cols = []
     for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-      u = ica_directions(x_train[:, a:b], jax.random.fold_in(k_ica, i),
-                         num=min(config.ica_directions, int(b - a)))
+      num = min(config.ica_directions, int(b - a))
+      u = (base["marginal"]["W"][a:b, a:a + num] if "marginal" in base else
+           ica_directions(x_train[:, a:b], jax.random.fold_in(k_ica, i), num=num))
       cols.append(jnp.zeros((dim, u.shape[1])).at[a:b].set(u))
     w0 = jnp.concatenate(cols, axis=1)
   # max(1, .): max_steps=0 (the linear fit alone) never steps, but optax
@@ -393,14 +569,14 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
   # Weight decay on the nonlinear kernels only (A, W have their penalty); the
   # closed-form linear part stays fixed.
   labels = lambda p: flax.traverse_util.path_aware_map(
-      lambda path, _: ("frozen" if path[0] == "linear" else
+      lambda path, _: ("frozen" if path[0] in ("linear", "marginal") else
                        "decay" if path[-1].startswith("kernel") else "plain"),
       p)
   tx = optax.multi_transform(
       {"frozen": optax.set_to_zero(),
        "decay": optax.adamw(schedule, weight_decay=config.weight_decay),
        "plain": optax.adam(schedule)}, labels)
-  state = training.TrainState.create(model.init(k_init, b0, w0), tx)
+  state = training.TrainState.create(model.init(k_init, base, w0), tx)
   # Batches drawn with replacement, a pure function of the step (resumable).
   x_host, seed = np.asarray(x_train), int(jax.random.randint(k_train, (), 0, 2**31 - 1))
   batch_fn = lambda step: x_host[np.random.default_rng((seed, step)).integers(
@@ -410,6 +586,7 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
   # The parameters with the best held-out F (copies: the train step donates).
   best = {"f": held_out_f(state.params), "step": 0, "bad": 0,
           "params": jax.tree.map(jnp.copy, state.params)}
+  info["base_held_out_objective"] = best["f"]
 
   def eval_fn(state):
     step, f = int(state.step), held_out_f(state.params)
@@ -429,9 +606,7 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
       log_every=config.eval_every, eval_fn=eval_fn, eval_every=config.eval_every,
       stop_fn=lambda history: best["bad"] >= config.patience)
   best_f, best_step, best_params = best["f"], best["step"], best["params"]
-  info = dict(held_out_objective=best_f, train_steps=int(state.step),
+  info.update(held_out_objective=best_f, train_steps=int(state.step),
               best_step=best_step)
-  if b0 is not None:
-    info["linear_held_out_objective"] = linear_f
   return model, best_params, info
 
