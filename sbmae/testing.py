@@ -140,6 +140,8 @@ STRUCTURES = {
                 [("pair", 0.8), ("bimodal", 0.9)],
                 [("bimodal", 0.8), ("student", 4.0)],
                 [], []],
+    # Issue #15's scale check: PolyMNIST-10's 10 x 64 = 640 dims.
+    "polymnist10": [[("shared", 0.1), ("bimodal", 0.97)]] * 2 + [[("shared", 0.1)]] * 8,
     # Everything at once, blocks of rank 0..4.
     "mixed": [[("shared", 0.4), ("bimodal", 0.95), ("pair", 0.7)],
               [("shared", 0.4), ("pair", 0.7), ("student", 3.0)],
