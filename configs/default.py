@@ -166,9 +166,10 @@ def get_config():
       clean_conditioning=True,
       # Classifier-free guidance weight w: s_cond + w (s_cond - s_absent), where
       # s_absent has the observed modalities absent (sbmae.diffusion.sample). 0: unguided.
-      # On the quick config mean conditional coherence rises with w (0.207, 0.301,
-      # 0.365, 0.386 at w = 0, 1, 2, 3) while the Frechet distance of
-      # conditional samples is about level up to w = 2 and grows beyond.
+      # On the former quick config (200 RAE steps) mean conditional coherence
+      # rises with w (0.207, 0.301, 0.365, 0.386 at w = 0, 1, 2, 3) while the
+      # Frechet distance of conditional samples is about level up to w = 2 and
+      # grows beyond.
       guidance=2.0,
       batch_size=500,
   ))

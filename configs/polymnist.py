@@ -31,9 +31,12 @@ def get_config(arg=""):
     config.data.digits = "sklearn_digits"
     config.log_every = 20
     config.checkpoint_every = 100
-    config.classifier.update(width=16, num_steps=150, batch_size=64)
-    config.autoencoder.update(widths=(16, 32, 32), num_steps=200, batch_size=64,
-                              warmup_steps=20)
+    # 400 classifier steps at 2e-3 and 500 VAE steps at 2e-3 (beta 0.01) lift
+    # mean conditional coherence from 0.365 (150 steps, RAE, 200 steps at 1e-3)
+    # to 0.532: the reconstruction ceiling was the limit (m0/m1 0.27/0.21).
+    config.classifier.update(width=16, num_steps=400, batch_size=64, learning_rate=2e-3)
+    config.autoencoder.update(kind="vae", beta=0.01, widths=(16, 32, 32), num_steps=500,
+                              batch_size=64, learning_rate=2e-3, warmup_steps=20)
     config.prior.update(hidden=512, num_layers=2, num_steps=2000, batch_size=128,
                         learning_rate=1e-3, warmup_steps=100, ema_decay=0.995,
                         eval_every=200)
@@ -44,8 +47,11 @@ def get_config(arg=""):
     # 4,000 steps at 2e-3 put the hardest background (china.jpg) above 98%
     # (0.9816 at 3,000 steps; 0.9776 at 1e-3).
     config.classifier.update(width=32, num_steps=4000, batch_size=128, learning_rate=2e-3)
-    config.autoencoder.update(widths=(16, 32, 64), num_steps=2000, batch_size=64,
-                              warmup_steps=100)
+    # VAE latents (posterior samples, KL weight 0.01): mean conditional
+    # coherence 0.712 vs 0.666 for the RAE and 0.682 at KL weight 0.001, the
+    # same data, classifier, prior and sampler (README, "VAE latents").
+    config.autoencoder.update(kind="vae", beta=0.01, widths=(16, 32, 64), num_steps=2000,
+                              batch_size=64, warmup_steps=100)
     # Prior steps matter most for coherence: on the same latents, mean
     # conditional coherence 0.35 after 4,000 steps, 0.52 after 20,000.
     config.prior.update(hidden=512, num_layers=3, num_steps=30000, batch_size=256,
