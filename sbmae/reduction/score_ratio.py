@@ -200,28 +200,37 @@ def marginal_features(t, knots):
           jnp.concatenate([dhats, dtails], -1))
 
 
+def marginal_splines(marginal, t):
+  """(g, g') [B, K]: every direction's spline and its derivative at t [B, K].
+
+  `marginal` is what `marginal_fit` returns (knots and theta per direction).
+  """
+  phi, dphi = marginal_features(t, marginal["knots"])
+  return (jnp.einsum("bkj,kj->bk", phi, marginal["theta"]),
+          jnp.einsum("bkj,kj->bk", dphi, marginal["theta"]))
+
+
 def marginal_score(marginal, x):
   """(s, div s) of the marginal part sum_k w_k g_k(w_k.x) at x [B, D].
 
   `marginal` is what `marginal_fit` returns; W has orthonormal columns, so
   div s = sum_k g_k'(w_k.x).
   """
-  phi, dphi = marginal_features(x @ marginal["W"], marginal["knots"])
-  g = jnp.einsum("bkj,kj->bk", phi, marginal["theta"])
-  return g @ marginal["W"].T, jnp.einsum("bkj,kj->b", dphi, marginal["theta"])
+  g, dg = marginal_splines(marginal, x @ marginal["W"])
+  return g @ marginal["W"].T, jnp.sum(dg, -1)
 
 
-def _marginal_terms(x, w, b0, knots):
-  """Features, their derivatives and the regression target of every direction."""
+def _marginal_coordinates(x, w, b0):
+  """(t, target): every direction's coordinate and its regression target."""
   t = x @ w
-  phi, dphi = marginal_features(t, knots)
-  return phi, dphi, t - (x @ b0.T) @ w  # target: the linear part's share removed
+  return t, t - (x @ b0.T) @ w  # target: the linear part's share removed
 
 
 @jax.jit
 def _marginal_moments(x, w, b0, knots):
   """Per-direction normal equations of the marginal fit: (G [K, J', J'], r [K, J'])."""
-  phi, dphi, target = _marginal_terms(x, w, b0, knots)
+  t, target = _marginal_coordinates(x, w, b0)
+  phi, dphi = marginal_features(t, knots)
   n = x.shape[0]
   gram = jnp.einsum("nkj,nki->kji", phi, phi) / n
   return gram, jnp.einsum("nkj,nk->kj", phi, target) / n - jnp.mean(dphi, 0)
@@ -230,9 +239,9 @@ def _marginal_moments(x, w, b0, knots):
 @jax.jit
 def _marginal_gain_z(x, w, b0, knots, theta):
   """(z-score, mean) of each direction's held-out F gain over g = 0."""
-  phi, dphi, target = _marginal_terms(x, w, b0, knots)
-  g = jnp.einsum("nkj,kj->nk", phi, theta)
-  f = 0.5 * g * g + jnp.einsum("nkj,kj->nk", dphi, theta) - g * target
+  t, target = _marginal_coordinates(x, w, b0)
+  g, dg = marginal_splines({"knots": knots, "theta": theta}, t)
+  f = 0.5 * g * g + dg - g * target
   mean, var = jnp.mean(f, 0), jnp.var(f, 0)
   return mean / jnp.sqrt(jnp.maximum(var, 1e-12) / x.shape[0]), mean
 
@@ -286,14 +295,12 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
   rough[:num_knots, :num_knots] = diff.T @ diff
   rough[num_knots:, num_knots:] = 1e-3 * np.eye(2)  # keeps the solve proper
   lams = jnp.asarray(smoothing_grid, jnp.float32)[:, None, None, None]
-  solve = lambda gram, r: jnp.linalg.solve(gram + lams * rough, r[None, ..., None])[..., 0]
-  objective = lambda thetas, gram, r: (
-      0.5 * jnp.einsum("ldj,dji,ldi->ld", thetas, gram, thetas)
-      - jnp.einsum("ldj,dj->ld", thetas, r))
   gram, r = _marginal_moments(x_train, w, b0, knots)
-  thetas = solve(gram, r)
-  best = jnp.argmin(objective(thetas, *_marginal_moments(x_held_out, w, b0, knots)), 0)
-  theta = thetas[best, jnp.arange(dim)]
+  thetas = jnp.linalg.solve(gram + lams * rough, r[None, ..., None])[..., 0]  # [L, D, J']
+  gram_h, r_h = _marginal_moments(x_held_out, w, b0, knots)
+  f_held = (0.5 * jnp.einsum("ldj,dji,ldi->ld", thetas, gram_h, thetas)
+            - jnp.einsum("ldj,dj->ld", thetas, r_h))
+  theta = thetas[jnp.argmin(f_held, 0), jnp.arange(dim)]
   z, gain = _marginal_gain_z(x_held_out, w, b0, knots, theta)
   keep = z < -min_gain_z
   return (dict(W=w, knots=knots, theta=jnp.where(keep[:, None], theta, 0.0)),
@@ -432,8 +439,7 @@ def get_model(dim: int, config) -> ScoreRatioModel:
       out = out + jnp.sum((directions @ params["linear"]) * directions, -1)
     if "marginal" in params:
       marginal = params["marginal"]
-      _, dphi = marginal_features(x @ marginal["W"], marginal["knots"])
-      dg = jnp.einsum("bkj,kj->bk", dphi, marginal["theta"])
+      _, dg = marginal_splines(marginal, x @ marginal["W"])
       out = out + dg @ (marginal["W"].T @ directions.T) ** 2
     return out
 
