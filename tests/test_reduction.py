@@ -256,3 +256,24 @@ def test_private_mode_beside_shared_structure_and_the_noise_floor():
   # checks 25% at 20,000.
   np.testing.assert_allclose(red.eigenvalues["m0"][0],
                              testing.bimodal_eigenvalue(0.97), rtol=0.4)
+
+
+def test_weak_shared_mixture_is_found_in_full():
+  # Issue #15's `mixed` failure in miniature: a 10-class mixture with
+  # overlapping classes (within-class variance 0.4) shared by three 16-dim
+  # blocks, a fourth block empty. The closed-form parts find only one of the
+  # two shared directions in some blocks and a free ridge residual overfits
+  # (measured: second eigenvalues 0.44-0.53 of 0.86-0.91); the fit must give
+  # every block its 2-dim plane and both eigenvalues within 25%. 20,000
+  # samples, the benchmark's scale: at 10,000 one plane comes out 17 deg off.
+  structure = [[("shared", 0.4)]] * 3 + [[]]
+  raw, truth, shared = testing.synthetic_latents(structure, 20000, seed=0, dim=16)
+  lam_true = testing.shared_eigenvalues(raw, truth, shared)
+  white, x = _whitened(raw)
+  red = reduction.fit(x, epsilon=0.1, rng=jax.random.key(0),
+                      config=reduction.ReductionConfig(min_rank=0))
+  assert red.ranks == {"m0": 2, "m1": 2, "m2": 2, "m3": 0}
+  for name in ("m0", "m1", "m2"):
+    basis = np.asarray(white.whitener[name], np.float64) @ truth[name][0]
+    assert _angle(basis, red.bases[name]) < np.radians(10)
+    np.testing.assert_allclose(red.eigenvalues[name][:2], lam_true[name], rtol=0.25)

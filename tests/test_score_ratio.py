@@ -15,15 +15,19 @@ from sbmae.reduction import score_ratio
 
 
 def _base(kind, dim, rng):
-  """Fixed parts of a model: {} for "mlp", else a random linear and marginal part."""
+  """Fixed parts of a model: {} for "mlp", else a random linear and marginal
+  part (and, for "subspace", 3 orthonormal directions for the residual)."""
   if kind == "mlp":
     return {}
   rs = np.random.RandomState(rng)
   knots = np.sort(rs.randn(dim, 8) * 2, axis=1)
-  return {"linear": jnp.asarray(rs.randn(dim, dim) * 0.3, jnp.float32),
+  base = {"linear": jnp.asarray(rs.randn(dim, dim) * 0.3, jnp.float32),
           "marginal": {"W": jnp.asarray(np.linalg.qr(rs.randn(dim, dim))[0], jnp.float32),
                        "knots": jnp.asarray(knots, jnp.float32),
                        "theta": jnp.asarray(rs.randn(dim, 8), jnp.float32)}}
+  if kind == "subspace":
+    base["subspace"] = jnp.asarray(np.linalg.qr(rs.randn(dim, 3))[0], jnp.float32)
+  return base
 
 
 @pytest.mark.parametrize("kind", score_ratio.PARAMETRISATIONS)
@@ -100,7 +104,8 @@ def test_objective_of_linear_score_has_closed_form():
   rs = np.random.RandomState(7)
   b = jnp.asarray(rs.randn(dim, dim), jnp.float32)
   x = jnp.asarray(rs.randn(500, dim) @ rs.randn(dim, dim), jnp.float32)
-  params = model.init(jax.random.key(0), {"linear": b})  # residual starts at zero
+  u = jnp.asarray(np.linalg.qr(rs.randn(dim, 2))[0], jnp.float32)
+  params = model.init(jax.random.key(0), {"linear": b, "subspace": u})  # residual starts at zero
   f = jax.jit(score_ratio.get_objective_fn(model))(params, jax.random.key(1), x)
   s2 = np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / len(x)
   bb = np.asarray(b, np.float64)
@@ -146,3 +151,24 @@ def test_ica_directions_find_a_lone_bimodal_unit():
                                  jax.random.key(0), num=1)
   # A start for the ridge direction (training refines it), not the answer.
   assert abs(float(np.asarray(u)[:, 0] @ rot[:, 0])) > 0.9
+
+
+def test_dependent_directions_find_what_depends_nonlinearly_on_the_found_ones():
+  # Block a holds y1 ~ N(0, 1); block b holds (y1^2 - 1) / sqrt(2), linearly
+  # uncorrelated with y1 but a function of it; all else is independent noise.
+  # Given y1's direction, exactly b's direction must come back.
+  rs = np.random.RandomState(0)
+  n, d = 12000, 5
+  y = rs.randn(n, 2 * d)
+  y[:, d] = (y[:, 0] ** 2 - 1) / np.sqrt(2)
+  rot_a, rot_b = (np.linalg.qr(rs.randn(d, d))[0] for _ in range(2))
+  x = jnp.asarray(np.concatenate([y[:, :d] @ rot_a.T, y[:, d:] @ rot_b.T], 1), jnp.float32)
+  u = jnp.zeros((2 * d, 1)).at[:d, 0].set(jnp.asarray(rot_a[:, 0], jnp.float32))
+  found = score_ratio.dependent_directions(x[:9000], x[9000:], u, (d, d), significance=4.0)
+  assert found.shape == (2 * d, 1)
+  np.testing.assert_allclose(np.asarray(found[:d]), 0.0)
+  assert abs(float(found[d:, 0] @ rot_b[:, 0])) > np.cos(np.radians(5))
+  # Nothing depends on a direction of pure noise.
+  noise = jnp.zeros((2 * d, 1)).at[:d, 0].set(jnp.asarray(rot_a[:, 1], jnp.float32))
+  assert score_ratio.dependent_directions(
+      x[:9000], x[9000:], noise, (d, d), significance=4.0).shape == (2 * d, 0)
