@@ -81,6 +81,20 @@ def test_marginal_fit_recovers_a_private_law(law, param, eigenvalue):
   assert cos > np.cos(np.radians(10))
 
 
+def test_empty_subspace_leaves_the_closed_form_parts():
+  # No direction passed the test (e.g. pure N(0, I) latents): the model is
+  # B_0 x + m(x), and it still trains (no parameters) and evaluates.
+  dim = 7
+  model = score_ratio.get_model(dim, reduction.ReductionConfig())
+  base = dict(_base("subspace", dim, 1), subspace=jnp.zeros((dim, 0)))
+  params = model.init(jax.random.key(0), base)
+  x = jax.random.normal(jax.random.key(2), (5, dim))
+  s, div = model.score_and_divergence(params, x, jax.random.key(3))
+  s_base, div_base = score_ratio.closed_form_parts(base, x)
+  np.testing.assert_allclose(s, s_base, rtol=1e-6)
+  np.testing.assert_allclose(div, div_base, rtol=1e-6)
+
+
 def test_hutchinson_divergence_averages_to_the_trace(random_like):
   dim = 7
   config = reduction.ReductionConfig(parametrisation="lowrank", bottleneck=4,

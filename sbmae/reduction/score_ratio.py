@@ -7,11 +7,12 @@ density. `train_score_ratio` fits s_theta = B_0 x + m(x) + r(x): a closed-form
 linear term (`linear_fit`, exact for Gaussian latents, shrunk against sampling
 noise), closed-form splines of each direction's marginal law (`marginal_fit`,
 which finds private non-Gaussian units however weak) and a nonlinear residual
-for the dependence between directions, trained by the project's one training loop
+for the dependence between directions (by default confined to the directions
+of `structured_subspace`), trained by the project's one training loop
 (`sbmae.training.run`, without checkpoints: the fit takes minutes) with early
 stopping on held-out F.
 `diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T];
-`ica_directions` gives the ridge directions' starts; `direction_z_scores` is
+`ica_directions` gives the marginal part's basis; `direction_z_scores` is
 the cross-fitted test that separates structure from estimation noise.
 `sbmae.reduction.reduction` builds the per-modality reduction on top of these;
 the networks are in `sbmae.models.score_ratio`.
@@ -329,7 +330,7 @@ def closed_form_parts(params, x):
 
 
 def closed_form_score(params, x):
-  """s [B, D] of the closed-form parts alone (a `score_fn` for the tests below)."""
+  """s [B, D] of the closed-form parts alone (a `score_fn` for `diagnostic_blocks`)."""
   return closed_form_parts(params, x)[0]
 
 
@@ -517,19 +518,24 @@ def get_model(dim: int, config) -> ScoreRatioModel:
     # MLP on R^k whose last layer starts at zero.
     net = lambda k: MLP(k, config.width, config.depth)
 
+    # An empty U (no structure found) leaves the closed-form parts alone.
     def init(rng, base, w0=None):
       del w0
       k = base["subspace"].shape[1]
-      return dict(base, net=net(k).init(rng, jnp.zeros((k,)))["params"])
+      return dict(base, net=net(k).init(rng, jnp.zeros((k,)))["params"] if k else {})
 
     def residual(params, x):
       u = jax.lax.stop_gradient(params["subspace"])
+      if not u.shape[1]:
+        return jnp.zeros_like(x)
       return net(u.shape[1]).apply({"params": params["net"]}, x @ u) @ u.T
 
     def residual_divergence(params, x, rng):
       # div U h(U^T x) = tr(J_h) (U^T U = I): exact, k <= bottleneck jvps.
       del rng
       u = jax.lax.stop_gradient(params["subspace"])
+      if not u.shape[1]:
+        return jnp.zeros(x.shape[:1], x.dtype)
       h = lambda v: net(u.shape[1]).apply({"params": params["net"]}, v)
       return jax.vmap(lambda v: _weighted_trace(h, v, None, None, "exact", 0))(x @ u)
 
