@@ -62,7 +62,8 @@ class ReductionConfig:
       marginal_knots), both kept fixed, and r a learned nonlinear residual.
       "ridge" (default): r(x) = A g(W^T x), A, W in R^{D x k}, g acting on
       each of its k coordinates separately (a sum of k ridge functions; exact
-      divergence in one jvp). "subspace": r(x) = U h(U^T x), U [D, k] fixed,
+      divergence in one jvp). "lowrank": the same with g an MLP on R^k.
+      "subspace": r(x) = U h(U^T x), U [D, k] fixed,
       the directions where B_0 x + m(x) already shows structure
       (`score_ratio.structured_subspace`), h an MLP on R^k: the form of the
       true score ratio when the structure lives in span(U), and no free
@@ -70,8 +71,7 @@ class ReductionConfig:
       is low-rank (synthetic `mixed`: held-out F -12.2 vs -10.4, where the
       ridge residual overfits), worse where it is everywhere (real PolyMNIST
       latents, k capped at 64: F -96.8 vs -134.1 on RAE latents, -27.7 vs
-      -66.8 on VAE beta 0.1 latents). "lowrank": the same with g an MLP on R^k. "linear_mlp":
-      r = MLP on R^D. "mlp": s(x) = MLP(x) alone.
+      -66.8 on VAE beta 0.1 latents). "linear_mlp": r = MLP on R^D. "mlp": s(x) = MLP(x) alone.
     bottleneck: k of "ridge" (may exceed D: more ridge functions start from
       more random directions), of "lowrank" (capped at D), and the most
       directions "subspace" refines (those with the largest z-scores).

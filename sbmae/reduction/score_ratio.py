@@ -7,8 +7,8 @@ density. `train_score_ratio` fits s_theta = B_0 x + m(x) + r(x): a closed-form
 linear term (`linear_fit`, exact for Gaussian latents, shrunk against sampling
 noise), closed-form splines of each direction's marginal law (`marginal_fit`,
 which finds private non-Gaussian units however weak) and a nonlinear residual
-for the dependence between directions (by default confined to the directions
-of `structured_subspace`), trained by the project's one training loop
+for the dependence between directions (ridge functions, or confined to the
+directions of `structured_subspace`), trained by the project's one training loop
 (`sbmae.training.run`, without checkpoints: the fit takes minutes) with early
 stopping on held-out F.
 `diagnostic_blocks` accumulates the diagonal blocks of H = E[s s^T];
