@@ -433,17 +433,11 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
 
   t0 = time.perf_counter()
   eigvals, eigvecs, signal_dims = [], [], []
-  edges = np.cumsum((0,) + dims)
-  for h, a, d in zip(blocks, edges[:-1], dims):
-    lam, vec = jnp.linalg.eigh(0.5 * (h + h.T))
-    lam, vec = jnp.clip(lam[::-1], 0.0, None), vec[:, ::-1]
-    # The noise floor: directions whose learned s is not correlated with the
-    # true score ratio on held-out samples (signal first, each part by
-    # eigenvalue).
-    z, _ = score_ratio.direction_z_scores(
-        model.score, params, x_held,
-        jnp.zeros((d, x.shape[1])).at[:, a:a + d].set(vec.T), cfg.batch_size,
-        model.curvature)
+  # The noise floor: directions whose learned s is not correlated with the
+  # true score ratio on held-out samples (signal first, each part by
+  # eigenvalue).
+  for lam, vec, z in score_ratio.block_eigen_z_scores(
+      model.score, params, blocks, x_held, dims, cfg.batch_size, model.curvature):
     signal = np.asarray(z) >= cfg.significance
     order = np.argsort(~signal, kind="stable")
     eigvals.append(lam[order])

@@ -395,6 +395,31 @@ def direction_z_scores(score_fn, params, x, directions, batch_size, curvature_fn
   return mean / jnp.sqrt(var / n), mean
 
 
+def block_eigen_z_scores(score_fn, params, blocks, x, dims, batch_size,
+                         curvature_fn=None):
+  """Eigen-decomposition of every H_mm and the Stein z-score of each eigenvector.
+
+  Args:
+    score_fn, params, batch_size, curvature_fn: as for `direction_z_scores`.
+    blocks: the matrices H_mm [d_m, d_m] (`diagnostic_blocks` sums / count).
+    x: [n, D] samples not used to fit params (the z-scores' samples).
+    dims: block sizes d_m.
+
+  Returns:
+    Per block, (eigenvalues [d_m] descending and clipped at 0, eigenvectors
+    [d_m, d_m] as columns in that order, z-scores [d_m]).
+  """
+  out = []
+  for h, a, d in zip(blocks, np.cumsum((0,) + tuple(dims))[:-1], dims):
+    lam, vec = jnp.linalg.eigh(0.5 * (h + h.T))
+    lam, vec = jnp.clip(lam[::-1], 0.0, None), vec[:, ::-1]
+    z, _ = direction_z_scores(score_fn, params, x,
+                              jnp.zeros((d, x.shape[1])).at[:, a:a + d].set(vec.T),
+                              batch_size, curvature_fn)
+    out.append((lam, vec, z))
+  return out
+
+
 def structured_subspace(base, x_train, x_held_out, dims, *, num, significance,
                         batch_size, max_rounds=3):
   """Where the closed-form parts see structure: [D, k] block-diagonal directions.
@@ -433,12 +458,11 @@ def structured_subspace(base, x_train, x_held_out, dims, *, num, significance,
   dim = x_train.shape[1]
   sums, count = diagnostic_blocks(closed_form_score, base, x_train, dims, batch_size)
   cols, zs = [], []
-  for h, a, d in zip(sums, np.cumsum((0,) + tuple(dims))[:-1], dims):
-    _, vec = jnp.linalg.eigh(0.5 * (h + h.T) / count)
-    directions = jnp.zeros((d, dim)).at[:, a:a + d].set(vec.T)
-    z, _ = direction_z_scores(closed_form_score, base, x_held_out, directions,
-                              batch_size, closed_form_curvature)
-    cols.append(np.asarray(directions))
+  for (_, vec, z), a, d in zip(
+      block_eigen_z_scores(closed_form_score, base, [h / count for h in sums],
+                           x_held_out, dims, batch_size, closed_form_curvature),
+      np.cumsum((0,) + tuple(dims))[:-1], dims):
+    cols.append(np.asarray(jnp.zeros((d, dim)).at[:, a:a + d].set(vec.T)))
     zs.append(np.asarray(z))
   cols, zs = np.concatenate(cols), np.concatenate(zs)
   keep = [i for i in np.argsort(-zs)[:num] if zs[i] >= significance]
