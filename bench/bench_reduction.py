@@ -90,8 +90,11 @@ def run_one(structure, seed, config):
                       config=config)
   seconds = time.perf_counter() - start
   st = red.stats
+  tried = {k: v for k, v in st.items() if k.endswith("_held_out_objective")
+           and k.split("_")[0] in ("ridge", "subspace")}
   print(f"\n{structure} seed {seed}: fit {seconds:.1f} s (load {load:.1f} "
-        f"before), {st.get('train_steps', 0)} steps; held-out F "
+        f"before), {st.get('train_steps', 0)} steps; residual "
+        f"{st.get('parametrisation')} {tried or ''}, held-out F "
         f"{st.get('held_out_objective', np.nan):.3f}, estimated KL bound "
         f"{red.estimated_kl_bound:.4f}, ranks {red.ranks}")
   rows = []
@@ -115,6 +118,7 @@ def run_one(structure, seed, config):
                noise_max=float(noise.max()), noise_sum=float(noise.sum()),
                fit_seconds=seconds, load=load,
                held_out_objective=st.get("held_out_objective", np.nan),
+               parametrisation=st.get("parametrisation"), **tried,
                estimated_kl_bound=red.estimated_kl_bound)
     rows.append(row)
     print(f"  {name}: rank {row['rank']} (true {r_true}; "

@@ -129,7 +129,7 @@ RULES = (
     ("autoencoder.warmup_steps", *_NONNEG_INT),
     ("autoencoder.grad_clip", *_NONNEG),
     ("reduction.epsilon", *_POSITIVE),
-    ("reduction.parametrisation", *_choice("subspace", "ridge", "lowrank", "linear_mlp", "mlp")),
+    ("reduction.parametrisation", *_choice("auto", "subspace", "ridge", "lowrank", "linear_mlp", "mlp")),
     ("reduction.bottleneck", *_POSITIVE_INT),
     ("reduction.width", *_POSITIVE_INT),
     ("reduction.depth", *_POSITIVE_INT),

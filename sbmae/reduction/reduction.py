@@ -71,7 +71,10 @@ class ReductionConfig:
       is low-rank (synthetic `mixed`: held-out F -12.2 vs -10.4, where the
       ridge residual overfits), worse where it is everywhere (real PolyMNIST
       latents, k capped at 64: F -96.8 vs -134.1 on RAE latents, -27.7 vs
-      -66.8 on VAE beta 0.1 latents). "linear_mlp": r = MLP on R^D. "mlp": s(x) = MLP(x) alone.
+      -66.8 on VAE beta 0.1 latents). "auto": fits "ridge" and "subspace"
+      on the same closed-form parts and split and keeps the lower held-out F
+      (twice the training time; `stats["parametrisation"]` says which).
+      "linear_mlp": r = MLP on R^D. "mlp": s(x) = MLP(x) alone.
     bottleneck: k of "ridge" (may exceed D: more ridge functions start from
       more random directions), of "lowrank" (capped at D), and the most
       directions "subspace" refines (those with the largest z-scores).
@@ -233,8 +236,8 @@ class Reduction:
   estimated_kl_bound: float = struct.field(pytree_node=False)
   epsilon: float = struct.field(pytree_node=False)
   signal_dims: tuple[int, ...] = struct.field(pytree_node=False, default=())
-  fit_stats: tuple[tuple[str, float], ...] = struct.field(pytree_node=False,
-                                                          default=())
+  fit_stats: tuple[tuple[str, Any], ...] = struct.field(pytree_node=False,
+                                                        default=())
 
   @property
   def ranks(self) -> dict[str, int]:
@@ -255,8 +258,8 @@ class Reduction:
     return {n: self.eigenvectors[n][:, r:] for n, r in self.ranks.items()}
 
   @property
-  def stats(self) -> dict[str, float]:
-    """Timings (seconds) and training figures recorded by `fit`."""
+  def stats(self) -> dict[str, Any]:
+    """Timings (seconds), training figures and the residual kept, from `fit`."""
     return dict(self.fit_stats)
 
   def with_epsilon(self, epsilon: float, min_rank: int = 0,

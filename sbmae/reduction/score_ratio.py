@@ -18,6 +18,7 @@ the cross-fitted test that separates structure from estimation noise.
 the networks are in `sbmae.models.score_ratio`.
 """
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple
@@ -719,8 +720,38 @@ def diagnostic_blocks(score_fn, params, x, dims, batch_size):
   return sums, jnp.sum(wb)
 
 
+def closed_form_base(x_train, x_held_out, *, rng, config, dims):
+  """The fixed closed-form parts of s_theta: {"linear": B_0, "marginal": ...}.
+
+  Empty for "mlp"; the marginal splines only if `config.marginal_knots`.
+
+  Returns:
+    (base, info): info holds "linear_held_out_objective" (F of B_0 x alone)
+    where there is a linear part.
+  """
+  base, info = {}, {}
+  if config.parametrisation == "mlp":
+    return base, info
+  base["linear"], rule, info["linear_held_out_objective"] = linear_fit(
+      x_train, x_held_out, config.threshold_grid)
+  logging.info("reduction: linear fit (%s), held-out F %.4f", rule,
+               info["linear_held_out_objective"])
+  if config.marginal_knots:
+    base["marginal"], gain = marginal_fit(
+        x_train, x_held_out, base["linear"], dims, rng,
+        num_knots=config.marginal_knots, smoothing_grid=config.smoothing_grid,
+        ica_samples=config.ica_samples)
+    logging.info("reduction: marginal splines, held-out F gain %.4f", gain)
+  return base, info
+
+
 def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
   """Fits s_theta by score-ratio matching with early stopping on held-out F.
+
+  "auto" fits the "ridge" and the "subspace" residual on the same closed-form
+  parts, split, initialisation keys and held-out probes and keeps the one
+  with the lower held-out F: neither wins everywhere (module docstring of
+  `sbmae.reduction.reduction`, ReductionConfig.parametrisation).
 
   Args:
     x_train: [n, D] whitened training samples.
@@ -738,24 +769,37 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
     held-out F, and a dict with "held_out_objective" (that F),
     "linear_held_out_objective" (F of the linear fit alone, if any),
     "base_held_out_objective" (F of the closed-form parts, before training),
-    "train_steps" and "best_step".
+    "train_steps", "best_step" and "parametrisation" (the residual kept; for
+    "auto" also "<name>_held_out_objective" of each residual tried).
   """
+  dims = tuple(dims or (x_train.shape[1],))
+  # The ICA key of `_train_residual`'s split: one basis for every residual.
+  base, info = closed_form_base(x_train, x_held_out, rng=jax.random.split(rng, 4)[3],
+                                config=config, dims=dims)
+  kinds = (("ridge", "subspace") if config.parametrisation == "auto" else
+           (config.parametrisation,))
+  fits = {}
+  for kind in kinds:
+    fits[kind] = _train_residual(
+        base, x_train, x_held_out, rng=rng, dims=dims,
+        config=dataclasses.replace(config, parametrisation=kind))
+    if len(kinds) > 1:
+      info[f"{kind}_held_out_objective"] = fits[kind][2]["held_out_objective"]
+  kind = min(fits, key=lambda k: fits[k][2]["held_out_objective"])
+  if len(kinds) > 1:
+    logging.info("reduction: residual %r kept (held-out F %s)", kind,
+                 {k: round(f[2]["held_out_objective"], 4) for k, f in fits.items()})
+  model, params, fit_info = fits[kind]
+  info.update(fit_info, parametrisation=kind)
+  return model, params, info
+
+
+def _train_residual(base, x_train, x_held_out, *, rng, config, dims):
+  """Trains one residual (`config.parametrisation`) on top of `base`."""
   n, dim = x_train.shape
-  dims = tuple(dims or (dim,))
   model = get_model(dim, config)
   k_init, k_train, k_eval, k_ica = jax.random.split(rng, 4)
-  base, info, num_steps = {}, {}, config.max_steps
-  if config.parametrisation != "mlp":
-    base["linear"], rule, info["linear_held_out_objective"] = linear_fit(
-        x_train, x_held_out, config.threshold_grid)
-    logging.info("reduction: linear fit (%s), held-out F %.4f", rule,
-                 info["linear_held_out_objective"])
-    if config.marginal_knots:
-      base["marginal"], gain = marginal_fit(
-          x_train, x_held_out, base["linear"], dims, k_ica,
-          num_knots=config.marginal_knots, smoothing_grid=config.smoothing_grid,
-          ica_samples=config.ica_samples)
-      logging.info("reduction: marginal splines, held-out F gain %.4f", gain)
+  base, info, num_steps = dict(base), {}, config.max_steps
   if config.parametrisation == "subspace":
     base["subspace"] = structured_subspace(
         base, x_train, x_held_out, dims, num=config.bottleneck,
