@@ -155,6 +155,14 @@ def test_stein_cross_term_matches_closed_form():
   assert np.all(np.abs(np.asarray(z)[2:]) < 4) and np.all(np.abs(z[:2]) > 10)
 
 
+def test_polar_factor_equals_the_svd_one():
+  rs = np.random.RandomState(0)
+  for w in (rs.randn(64, 64), rs.randn(8, 8) @ np.diag([1e3, 1, 1, 1, 1, 1, 1, 1e-2])):
+    u, _, vt = np.linalg.svd(w)
+    got = np.asarray(score_ratio.polar_factor(jnp.asarray(w, jnp.float32)))
+    np.testing.assert_allclose(got, u @ vt, atol=2e-5)
+
+
 def test_ica_directions_find_a_lone_bimodal_unit():
   rs = np.random.RandomState(4)
   y = rs.randn(5000, 16)

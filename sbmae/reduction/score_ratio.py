@@ -120,6 +120,27 @@ def linear_fit(x_train, x_held_out, grid):
   return (v * b[best]) @ v.T, names[best], float(f_held[best])
 
 
+def polar_factor(w, max_iterations=100, tolerance=1e-6):
+  """(w w^T)^(-1/2) w, the nearest orthogonal matrix to a square w.
+
+  Newton-Schulz iteration w <- 3/2 w - 1/2 w w^T w from w / ||w||_F (every
+  singular value in (0, 1], where it converges to 1): matrix products only.
+  XLA:CPU's SVD of a 64 x 64 matrix costs ~25 ms, 5x a whole FastICA
+  iteration on 16,384 samples without it; this costs well under 1 ms and
+  equals u v^T of the SVD to ~1e-6.
+  """
+  def not_done(state):
+    i, _, change = state
+    return (i < max_iterations) & (change > tolerance)
+
+  def step(state):
+    i, w, _ = state
+    new = 1.5 * w - 0.5 * (w @ w.T) @ w
+    return i + 1, new, jnp.max(jnp.abs(new - w))
+
+  return jax.lax.while_loop(not_done, step, (0, w / jnp.linalg.norm(w), jnp.inf))[1]
+
+
 @functools.partial(jax.jit, static_argnames=("num", "max_iterations"))
 def ica_directions(x, rng, *, num, max_iterations=2000, tolerance=1e-5):
   """The `num` most non-Gaussian directions of whitened x [n, d] (FastICA).
@@ -148,27 +169,18 @@ def ica_directions(x, rng, *, num, max_iterations=2000, tolerance=1e-5):
   """
   d = x.shape[1]
 
-  def orthonormalise(w):
-    u, _, vt = jnp.linalg.svd(w, full_matrices=False)
-    return u @ vt
-
-  def body(_, w):  # rows of w are the directions
-    y = x @ w.T
-    g = jnp.tanh(y)
-    new = g.T @ x / x.shape[0] - jnp.mean(1 - g * g, 0)[:, None] * w
-    return orthonormalise(new)
-
   def not_done(state):
     i, _, change = state
     return (i < max_iterations) & (change > tolerance)
 
   def step(state):
-    i, w, _ = state
-    new = body(i, w)
+    i, w, _ = state  # rows of w are the directions
+    g = jnp.tanh(x @ w.T)
+    new = polar_factor(g.T @ x / x.shape[0] - jnp.mean(1 - g * g, 0)[:, None] * w)
     return i + 1, new, jnp.max(1 - jnp.abs(jnp.sum(new * w, -1)))
 
   _, w, _ = jax.lax.while_loop(
-      not_done, step, (0, orthonormalise(jax.random.normal(rng, (d, d))), jnp.inf))
+      not_done, step, (0, polar_factor(jax.random.normal(rng, (d, d))), jnp.inf))
   gauss_logcosh = 0.3745672075  # E log cosh(N(0, 1))
   contrast = jnp.abs(jnp.mean(jnp.log(jnp.cosh(x @ w.T)), 0) - gauss_logcosh)
   return w[jnp.argsort(-contrast)[:num]].T
