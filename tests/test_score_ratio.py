@@ -114,7 +114,7 @@ def test_hutchinson_divergence_averages_to_the_trace(random_like):
 def test_objective_of_linear_score_has_closed_form():
   # F(B) = 1/2 tr(B S B^T) + tr(B) - tr(B S), S the second moment.
   dim = 6
-  model = score_ratio.get_model(dim, reduction.ReductionConfig())
+  model = score_ratio.get_model(dim, reduction.ReductionConfig(parametrisation="ridge"))
   rs = np.random.RandomState(7)
   b = jnp.asarray(rs.randn(dim, dim), jnp.float32)
   x = jnp.asarray(rs.randn(500, dim) @ rs.randn(dim, dim), jnp.float32)

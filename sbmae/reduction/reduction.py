@@ -60,20 +60,23 @@ class ReductionConfig:
       B_0 the closed-form linear fit of `linear_fit` (exact for Gaussian
       latents), m the closed-form marginal splines of `marginal_fit` (see
       marginal_knots), both kept fixed, and r a learned nonlinear residual.
-      "ridge" (default): r(x) = A g(W^T x), A, W in R^{D x k}, g acting on
+      "auto" (default): fits "ridge" and "subspace" on the same closed-form
+      parts, split and keys and keeps the lower held-out F
+      (`stats["parametrisation"]` says which), since neither wins everywhere:
+      "subspace" on low-rank structure (every synthetic structure of
+      `bench/bench_reduction.py`, e.g. `mixed`: F -12.5 vs -10.6, where the
+      ridge residual overfits), "ridge" where the structure is in nearly
+      every direction (real PolyMNIST-5 VAE beta 0.1 latents: F -63.4 vs
+      -27.7; RAE latents: -134.1 vs -96.8).
+      "ridge": r(x) = A g(W^T x), A, W in R^{D x k}, g acting on
       each of its k coordinates separately (a sum of k ridge functions; exact
       divergence in one jvp). "lowrank": the same with g an MLP on R^k.
       "subspace": r(x) = U h(U^T x), U [D, k] fixed,
       the directions where B_0 x + m(x) already shows structure
       (`score_ratio.structured_subspace`), h an MLP on R^k: the form of the
       true score ratio when the structure lives in span(U), and no free
-      direction can single out training samples. Better where the structure
-      is low-rank (synthetic `mixed`: held-out F -12.2 vs -10.4, where the
-      ridge residual overfits), worse where it is everywhere (real PolyMNIST
-      latents, k capped at 64: F -96.8 vs -134.1 on RAE latents, -27.7 vs
-      -66.8 on VAE beta 0.1 latents). "auto": fits "ridge" and "subspace"
-      on the same closed-form parts and split and keeps the lower held-out F
-      (twice the training time; `stats["parametrisation"]` says which).
+      direction can single out training samples (k is capped at
+      `bottleneck`, which is why it loses on real latents).
       "linear_mlp": r = MLP on R^D. "mlp": s(x) = MLP(x) alone.
     bottleneck: k of "ridge" (may exceed D: more ridge functions start from
       more random directions), of "lowrank" (capped at D), and the most
@@ -124,7 +127,7 @@ class ReductionConfig:
   `configs/default.py` builds its `reduction` section from these defaults, so
   they are written here only.
   """
-  parametrisation: str = "ridge"
+  parametrisation: str = "auto"
   bottleneck: int = 64
   width: int = 32
   depth: int = 2

@@ -547,7 +547,10 @@ def dependent_directions(x_train, x_held_out, u, dims, *, significance, num_knot
 
 
 def get_model(dim: int, config) -> ScoreRatioModel:
-  """The score-ratio model on R^dim chosen by `config.parametrisation`."""
+  """The score-ratio model on R^dim chosen by `config.parametrisation`.
+
+  "auto" is not a model: `train_score_ratio` resolves it to two.
+  """
   mode, probes = config.divergence, config.num_probes
   kind = config.parametrisation
   if kind == "subspace":
