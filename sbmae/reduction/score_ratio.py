@@ -739,6 +739,15 @@ def closed_form_base(x_train, x_held_out, *, rng, config, dims):
   """The fixed closed-form parts of s_theta: {"linear": B_0, "marginal": ...}.
 
   Empty for "mlp"; the marginal splines only if `config.marginal_knots`.
+  Computed once per fit and shared by every residual "auto" tries.
+
+  Args:
+    x_train: [n, D] whitened training samples.
+    x_held_out: [m, D] whitened held-out samples (the linear threshold and
+      the splines' smoothing are chosen on them).
+    rng: key of the ICA starts.
+    config: a `sbmae.reduction.ReductionConfig`.
+    dims: block sizes d_m, summing to D.
 
   Returns:
     (base, info): info holds "linear_held_out_objective" (F of B_0 x alone)
