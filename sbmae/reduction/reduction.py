@@ -442,7 +442,7 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
   # The noise floor: directions whose learned s is not correlated with the
   # true score ratio on held-out samples (signal first, each part by
   # eigenvalue).
-  for lam, vec, z in score_ratio.block_eigen_z_scores(
+  for lam, vec, _, z in score_ratio.block_eigen_z_scores(
       model.score, params, blocks, x_held, dims, cfg.batch_size, model.curvature):
     signal = np.asarray(z) >= cfg.significance
     order = np.argsort(~signal, kind="stable")

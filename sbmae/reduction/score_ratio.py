@@ -420,16 +420,16 @@ def block_eigen_z_scores(score_fn, params, blocks, x, dims, batch_size,
 
   Returns:
     Per block, (eigenvalues [d_m] descending and clipped at 0, eigenvectors
-    [d_m, d_m] as columns in that order, z-scores [d_m]).
+    [d_m, d_m] as columns in that order, the same as rows of R^D [d_m, D]
+    (zero outside the block), z-scores [d_m]).
   """
   out = []
   for h, a, d in zip(blocks, np.cumsum((0,) + tuple(dims))[:-1], dims):
     lam, vec = jnp.linalg.eigh(0.5 * (h + h.T))
     lam, vec = jnp.clip(lam[::-1], 0.0, None), vec[:, ::-1]
-    z, _ = direction_z_scores(score_fn, params, x,
-                              jnp.zeros((d, x.shape[1])).at[:, a:a + d].set(vec.T),
-                              batch_size, curvature_fn)
-    out.append((lam, vec, z))
+    directions = jnp.zeros((d, x.shape[1])).at[:, a:a + d].set(vec.T)
+    z, _ = direction_z_scores(score_fn, params, x, directions, batch_size, curvature_fn)
+    out.append((lam, vec, directions, z))
   return out
 
 
@@ -468,18 +468,13 @@ def structured_subspace(base, x_train, x_held_out, dims, *, num, significance,
   Returns:
     U [D, k], k <= num, orthonormal columns, each inside one block.
   """
-  dim = x_train.shape[1]
   sums, count = diagnostic_blocks(closed_form_score, base, x_train, dims, batch_size)
-  cols, zs = [], []
-  for (_, vec, z), a, d in zip(
-      block_eigen_z_scores(closed_form_score, base, [h / count for h in sums],
-                           x_held_out, dims, batch_size, closed_form_curvature),
-      np.cumsum((0,) + tuple(dims))[:-1], dims):
-    cols.append(np.asarray(jnp.zeros((d, dim)).at[:, a:a + d].set(vec.T)))
-    zs.append(np.asarray(z))
-  cols, zs = np.concatenate(cols), np.concatenate(zs)
+  tested = block_eigen_z_scores(closed_form_score, base, [h / count for h in sums],
+                                x_held_out, dims, batch_size, closed_form_curvature)
+  cols = np.concatenate([np.asarray(directions) for _, _, directions, _ in tested])
+  zs = np.concatenate([np.asarray(z) for _, _, _, z in tested])
   keep = [i for i in np.argsort(-zs)[:num] if zs[i] >= significance]
-  u = jnp.asarray(cols[sorted(keep)].T, jnp.float32).reshape(dim, len(keep))
+  u = jnp.asarray(cols[sorted(keep)].T, jnp.float32).reshape(x_train.shape[1], len(keep))
   for _ in range(max_rounds):
     new = dependent_directions(x_train, x_held_out, u, dims,
                                significance=significance)[:, :num - u.shape[1]]
@@ -797,32 +792,32 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
     "auto" also "<name>_held_out_objective" of each residual tried).
   """
   dims = tuple(dims or (x_train.shape[1],))
-  # The ICA key of `_train_residual`'s split: one basis for every residual.
-  base, info = closed_form_base(x_train, x_held_out, rng=jax.random.split(rng, 4)[3],
-                                config=config, dims=dims)
+  keys = jax.random.split(rng, 4)  # init, batches, held-out probes, ICA
+  base, info = closed_form_base(x_train, x_held_out, rng=keys[3], config=config, dims=dims)
   kinds = (("ridge", "subspace") if config.parametrisation == "auto" else
            (config.parametrisation,))
-  fits = {}
-  for kind in kinds:
-    fits[kind] = _train_residual(
-        base, x_train, x_held_out, rng=rng, dims=dims,
-        config=dataclasses.replace(config, parametrisation=kind))
-    if len(kinds) > 1:
-      info[f"{kind}_held_out_objective"] = fits[kind][2]["held_out_objective"]
-  kind = min(fits, key=lambda k: fits[k][2]["held_out_objective"])
+  fits = {kind: _train_residual(base, x_train, x_held_out, keys=keys, dims=dims,
+                                config=dataclasses.replace(config, parametrisation=kind))
+          for kind in kinds}
+  objectives = {k: f[2]["held_out_objective"] for k, f in fits.items()}
+  kind = min(objectives, key=objectives.get)
   if len(kinds) > 1:
+    info.update({f"{k}_held_out_objective": f for k, f in objectives.items()})
     logging.info("reduction: residual %r kept (held-out F %s)", kind,
-                 {k: round(f[2]["held_out_objective"], 4) for k, f in fits.items()})
+                 {k: round(f, 4) for k, f in objectives.items()})
   model, params, fit_info = fits[kind]
   info.update(fit_info, parametrisation=kind)
   return model, params, info
 
 
-def _train_residual(base, x_train, x_held_out, *, rng, config, dims):
-  """Trains one residual (`config.parametrisation`) on top of `base`."""
+def _train_residual(base, x_train, x_held_out, *, keys, config, dims):
+  """Trains one residual (`config.parametrisation`) on top of `base`.
+
+  keys: (init, batches, held-out probes, ICA), the same for every residual.
+  """
   n, dim = x_train.shape
   model = get_model(dim, config)
-  k_init, k_train, k_eval, k_ica = jax.random.split(rng, 4)
+  k_init, k_train, k_eval, k_ica = keys
   base, info, num_steps = dict(base), {}, config.max_steps
   if config.parametrisation == "subspace":
     base["subspace"] = structured_subspace(
