@@ -177,7 +177,8 @@ def get_config():
   config.eval = ml_collections.ConfigDict(dict(
       num_examples=1000,  # test tuples used for conditional coherence.
       # Subsets per size k: -1 evaluates all C(M, k) of them; otherwise a fixed
-      # random sample (seeded) of that many subsets per k.
+      # sample (seeded) of that many subsets per k, balanced so that every
+      # modality is missing equally often (sbmae.eval.driver.subsets_of_size).
       max_subsets=-1,
       num_unconditional=1000,
       inception_path="",  # local InceptionV3 weights; empty: classifier features only.

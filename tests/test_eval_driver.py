@@ -130,8 +130,24 @@ def test_max_subsets_is_a_seeded_sample():
   picked = driver.subsets_of_size(5, 2, 3, rng())
   assert len(picked) == 3 and picked == sorted(picked)
   assert picked == driver.subsets_of_size(5, 2, 3, rng())
+  assert picked != driver.subsets_of_size(5, 2, 3, np.random.default_rng(1))
   assert set(picked) <= set(itertools.combinations(range(5), 2))
   assert driver.subsets_of_size(5, 2, -1, rng()) == list(itertools.combinations(range(5), 2))
+  assert driver.subsets_of_size(5, 2, 10, rng()) == list(itertools.combinations(range(5), 2))
+
+
+@pytest.mark.parametrize("num_modalities,k,n,slack", [
+    (10, 1, 5, 0), (10, 3, 5, 0), (10, 7, 5, 0), (10, 9, 5, 0), (10, 4, 10, 0), (10, 5, 23, 0),
+    (5, 2, 7, 0), (5, 3, 4, 0),
+    (10, 8, 30, 1)])  # 30 of 45: rounds of cyclic windows collide, greedy fill.
+def test_max_subsets_is_balanced(num_modalities, k, n, slack):
+  """Each modality is observed in floor or ceil of k n / M subsets; no subset twice."""
+  for seed in range(5):
+    picked = driver.subsets_of_size(num_modalities, k, n, np.random.default_rng(seed))
+    assert len(set(picked)) == n and all(len(s) == k and len(set(s)) == k for s in picked)
+    counts = np.bincount(np.concatenate(picked), minlength=num_modalities)
+    assert counts.min() >= k * n // num_modalities - slack, (seed, counts)
+    assert counts.max() <= -(-k * n // num_modalities) + slack, (seed, counts)
 
 
 def _polymnist_scorer(labels):

@@ -6,8 +6,9 @@ Protocol (DESIGN.md "Evaluation"):
   the observed ones, classify every generated image with its modality's
   classifier and count it correct when it shows the tuple's label; average over
   the generated modalities, then over the subsets of size k. All C(M, k)
-  subsets are used when `eval.max_subsets` is -1, else a fixed random sample
-  (seeded by config.seed) of that many subsets per k.
+  subsets are used when `eval.max_subsets` is -1, else a fixed sample (seeded
+  by config.seed) of that many subsets per k in which every modality is
+  missing equally often (`sbmae.eval.driver.subsets_of_size`).
 - unconditional coherence: share of joint samples whose M predicted labels agree.
 - `coherence/reconstruction_{m}`: classifier accuracy on decode(encode(x)) of
   the test images, through the prior's latent (so after the reduction, with
