@@ -261,7 +261,8 @@ def _marginal_gain_z(x, w, b0, knots, theta):
 
 
 def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
-                 smoothing_grid, ica_samples=0, min_gain_z=2.0, tail_quantile=0.002):
+                 smoothing_grid, ica_samples=0, min_gain_z=2.0, tail_quantile=0.002,
+                 refine_rounds=0):
   """Closed-form score ratio of each direction's marginal law, on top of B_0 x.
 
   Why: a private law (a bimodal or heavy-tailed unit of one modality) is a
@@ -291,6 +292,8 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
       never settle); the splines use every sample.
     min_gain_z: held-out gain (in standard errors) a direction must show.
     tail_quantile: the outer knots sit at this quantile and its complement.
+    refine_rounds: rounds of `_refine_basis` (efficient ICA with the fitted
+      splines as score estimates), each followed by a new spline fit.
 
   Returns:
     (marginal, held-out F gain over B_0 x alone): marginal = dict(W [D, D]
@@ -304,6 +307,20 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
     w[a:b, a:b] = np.asarray(ica_directions(
         x_ica[:, a:b], jax.random.fold_in(rng, i), num=int(b - a)))
   w = jnp.asarray(w)
+  fit = functools.partial(_spline_fit, x_train, x_held_out, b0, num_knots=num_knots,
+                          smoothing_grid=smoothing_grid, min_gain_z=min_gain_z,
+                          tail_quantile=tail_quantile)
+  knots, theta, gain = fit(w)
+  for _ in range(refine_rounds):
+    w = _refine_basis(x_ica, w, knots, theta, tuple(int(e) for e in edges))
+    knots, theta, gain = fit(w)
+  return dict(W=w, knots=knots, theta=theta), gain
+
+
+def _spline_fit(x_train, x_held_out, b0, w, *, num_knots, smoothing_grid, min_gain_z,
+                tail_quantile):
+  """(knots, theta, held-out F gain) of `marginal_fit`'s splines in the basis w."""
+  dim = w.shape[1]
   t = np.asarray(x_train @ w)
   lo, hi = np.quantile(t, [tail_quantile, 1 - tail_quantile], axis=0)
   knots = jnp.asarray(lo[:, None] + (hi - lo)[:, None] * np.linspace(
@@ -322,8 +339,33 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
   theta = thetas[jnp.argmin(f_held, 0), jnp.arange(dim)]
   z, gain = _marginal_gain_z(x_held_out, w, b0, knots, theta)
   keep = z < -min_gain_z
-  return (dict(W=w, knots=knots, theta=jnp.where(keep[:, None], theta, 0.0)),
+  return (knots, jnp.where(keep[:, None], theta, 0.0),
           float(jnp.sum(jnp.where(keep, gain, 0.0))))
+
+
+@functools.partial(jax.jit, static_argnames=("edges", "steps"))
+def _refine_basis(x, w, knots, theta, edges, steps=20):
+  """The kept directions moved to the fixed point of FastICA with the fitted scores.
+
+  With the nonlinearity -psi_k, psi_k the score of direction k's marginal
+  law, FastICA's fixed point is the maximum-likelihood (efficient) ICA
+  estimate; `ica_directions`'s tanh is not, and leaves a sharp law's
+  direction a few degrees off, which blurs it (a unit of within-mode variance
+  0.059 seen 6 degrees off has variance 0.070: its H eigenvalue drops from
+  15.9 to ~13). The spline g_k estimates psi_k(t) + t, so the update is
+  w_k <- E[g_k'(w_k.x)] w_k - E[x g_k(w_k.x)], within each block, followed by
+  symmetric decorrelation of the block; directions without a spline stay.
+  """
+  kept = jnp.any(theta != 0, axis=1)
+
+  def step(w, _):
+    g, dg = marginal_splines({"knots": knots, "theta": theta}, x @ w)
+    new = w * jnp.mean(dg, 0) - x.T @ g / x.shape[0]
+    new = jnp.where(kept, new / jnp.maximum(jnp.linalg.norm(new, axis=0), 1e-12), w)
+    blocks = [polar_factor(new[a:b, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return jax.scipy.linalg.block_diag(*blocks), None
+
+  return jax.lax.scan(step, w, None, length=steps)[0]
 
 
 def closed_form_parts(params, x):
@@ -759,7 +801,7 @@ def closed_form_base(x_train, x_held_out, *, rng, config, dims):
     base["marginal"], gain = marginal_fit(
         x_train, x_held_out, base["linear"], dims, rng,
         num_knots=config.marginal_knots, smoothing_grid=config.smoothing_grid,
-        ica_samples=config.ica_samples)
+        ica_samples=config.ica_samples, refine_rounds=config.ica_refine_rounds)
     logging.info("reduction: marginal splines, held-out F gain %.4f", gain)
   return base, info
 
