@@ -269,7 +269,7 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
   needle for gradient descent next to dominant shared structure, and a weak
   one never beats the noise of a stochastic fit. Its score ratio is a 1-d
   function of one direction: in each block's ICA basis (the full rotation of
-  `ica_directions`) the model sum_k w_k g_k(w_k.x), g_k a spline
+  `ica_directions`, refined by `_refine_basis`) the model sum_k w_k g_k(w_k.x), g_k a spline
   (`marginal_features`, J uniform knots between the `tail_quantile` quantiles
   of w_k.x), makes F quadratic and separable in the directions, so every g_k is
   a J x J solve. A second-difference roughness penalty (weight chosen per
