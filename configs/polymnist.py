@@ -54,7 +54,7 @@ def get_config(arg=""):
     # same data, classifier, prior and sampler (README, "VAE latents").
     # 8,000 steps instead of 2,000 (the time the cached classifier frees):
     # reconstruction ceiling 0.873 -> 0.932, mean coherence 0.712 -> 0.744.
-    # PolyMNIST-10 keeps 2,000: its ten autoencoders would take ~2 h more.
+    # PolyMNIST-10 keeps 2,000: its ten autoencoders would take ~1.7 h more.
     config.autoencoder.update(kind="vae", beta=0.01, widths=(16, 32, 64),
                               num_steps=2000 if "m10" in tokens else 8000,
                               batch_size=64, warmup_steps=100)
