@@ -181,6 +181,7 @@ RULES = (
     ("sampling.eps", *_OPEN_UNIT),
     ("sampling.batch_size", *_POSITIVE_INT),
     ("sampling.guidance", *_NONNEG),
+    ("sampling.joint_guidance", *_NONNEG),
     ("sampling.clean_conditioning", lambda v: isinstance(v, bool), "True or False"),
     ("eval.num_examples", *_POSITIVE_INT),
     ("eval.max_subsets", *_ALL_OR_COUNT),
@@ -256,6 +257,12 @@ def validate_config(config, stages=()):
                                              and c.prior.clean_count_dist != "none"),
        "needs a prior trained with absent modalities (prior.absent_prob > 0 and clean "
        "modalities to make absent); use sampling.guidance=0"),
+      ("sampling.joint_guidance",
+       lambda c: not c.sampling.joint_guidance or (c.prior.absent_prob > 0
+                                                   and c.prior.clean_count_dist != "none"),
+       "needs a prior trained with absent modalities (each modality's marginal: "
+       "prior.absent_prob > 0 and clean modalities to make absent); use "
+       "sampling.joint_guidance=0"),
   )
   for key, test, what in checks:
     try:

@@ -1,13 +1,16 @@
 """Analytic cases with known answers, shared by the tests and the benchmarks.
 
-Closed forms the code is checked against: the diffused score of a Gaussian,
-its conditionals, the diagnostic matrix H of a Gaussian, and the H eigenvalue
-of a symmetric two-component mixture; and the moment check of samples
-against a Gaussian.
+Closed forms the code is checked against: the diffused score of a Gaussian
+(also for any conditioning task), its conditionals, the diagnostic matrix H of
+a Gaussian, and the H eigenvalue of a symmetric two-component mixture; and the
+moment check of samples against a Gaussian.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sbmae import latents
 
 
 def random_gaussian(dim, eigenvalues, seed=0):
@@ -55,6 +58,43 @@ def gaussian_score_fn(sde, mu, sigma, sign=1.0):
     a, s = sde.marginal_coeffs(t)
     r = (x - a[:, None] * mu) @ q
     return -sign * (r / (a[:, None] ** 2 * lam + s[:, None] ** 2)) @ q.T
+  return score_fn
+
+
+def gaussian_task_score_fn(sde, mu, sigma):
+  """The exact score of N(mu, sigma) for any conditioning task, as a prior score_fn.
+
+  Each row's clean_mask (`sbmae.latents`: DIFFUSED, CLEAN or ABSENT per
+  coordinate) sets its task: the DIFFUSED coordinates x_v are at time t, the
+  CLEAN ones x_c are observed at time 0 and the ABSENT ones are marginalised
+  out (their values must be 0, as the sampler zeroes them; other values give
+  NaN, so a test catches a sampler that does not). The score on v is that of
+  p_t(x_v | x_c), from the joint of (x_v at t, x_c at 0):
+  N((a mu_v, mu_c), [[a^2 S_vv + s^2 I, a S_vc], [a S_cv, S_cc]]), solved per
+  row as one D x D system (absent coordinates decoupled with unit variance).
+  Entries on non-diffused coordinates are 0.
+
+  Args:
+    sde: forward SDE with marginal_coeffs(t) -> (alpha, std).
+    mu: [D] mean.
+    sigma: [D, D] covariance.
+
+  Returns:
+    score_fn(params, x [B, D], t [B], clean_mask [B, D]) -> [B, D].
+  """
+  mu, sigma = jnp.asarray(mu, jnp.float32), jnp.asarray(sigma, jnp.float32)
+
+  def score_fn(params, x, t, clean_mask):
+    del params
+    a, s = sde.marginal_coeffs(t)
+    diffused = clean_mask == latents.DIFFUSED
+    absent = clean_mask == latents.ABSENT
+    scale = jnp.where(diffused, a[:, None], jnp.where(absent, 0.0, 1.0))  # [B, D]
+    cov = (scale[:, :, None] * sigma * scale[:, None, :]
+           + jax.vmap(jnp.diag)(jnp.where(diffused, s[:, None] ** 2, 0.0) + absent))
+    r = jnp.linalg.solve(cov, (x - scale * mu)[..., None])[..., 0]
+    score = jnp.where(diffused, -r, 0.0)
+    return jnp.where(jnp.all(jnp.where(absent, x == 0, True), -1, keepdims=True), score, jnp.nan)
   return score_fn
 
 
