@@ -171,9 +171,9 @@ def get_config():
       # Frechet distance of conditional samples is about level up to w = 2 and
       # grows beyond.
       guidance=2.0,
-      # Joint guidance weight v for unconditional generation (nothing observed):
-      # each modality's score against its marginal's, s_m + v (s_m - s_m^marg),
-      # the score of p(x) (p(x) / prod_m p(x_m))^v (sbmae.diffusion.sample). 0: none.
+      # Joint guidance weight v: + v (s_cond - s_marg), each unobserved modality
+      # against its own marginal; the only guidance unconditional generation
+      # gets (sbmae.diffusion.sample). 0: none; v > 0 costs M more network rows.
       joint_guidance=0.0,
       batch_size=500,
   ))

@@ -244,31 +244,6 @@ def test_one_compilation_serves_every_subset_and_per_example_masks():
   assert np.all(out[~coords] != observed[~coords])
 
 
-def _exact_conditional_and_absent_score_fn(mu, sigma, coords):
-  """Exact VP scores of a Gaussian for the task "observe `coords`".
-
-  Rows whose observed coordinates are CLEAN get the score of p_t(x_u | x_o);
-  rows where they are ABSENT (and zeroed) get the score of the marginal
-  p_t(x_u) = N(a mu_u, a^2 Sigma_uu + s^2 I).
-  """
-  u = ~coords
-  conditional = _clean_conditional_score_fn(mu, sigma, coords)
-  lam, q = np.linalg.eigh(sigma[np.ix_(u, u)])
-  lam, q, mu_u = (jnp.asarray(v, jnp.float32) for v in (lam, q, mu[u]))
-
-  def score_fn(params, x, t, clean_mask):
-    a, s = SDE.marginal_coeffs(t)
-    absent = jnp.all(clean_mask[:, coords] == sample_lib.ABSENT, axis=-1, keepdims=True)
-    r = (x[:, u] - a[:, None] * mu_u) @ q
-    marginal = jnp.zeros_like(x).at[:, u].set(
-        -(r / (a[:, None] ** 2 * lam + s[:, None] ** 2)) @ q.T)
-    marginal = jnp.where(jnp.all(x[:, coords] == 0, axis=-1, keepdims=True), marginal,
-                         jnp.nan)  # absent values must be zeroed
-    clean = jnp.where(absent, jnp.where(coords, sample_lib.CLEAN, 0.0), clean_mask)
-    return jnp.where(absent, marginal, conditional(params, x, t, clean))
-  return score_fn
-
-
 def test_guided_score_is_the_score_of_the_tilted_gaussian():
   """At t = 0, s_cond + w (s_cond - s_absent) is the score of
   p(x_u) p(y_o | x_u)^(1 + w); computed here by Bayes' rule from the
@@ -276,7 +251,7 @@ def test_guided_score_is_the_score_of_the_tilted_gaussian():
   mask = np.array([True, False, True])
   coords = np.repeat(mask, DIMS)
   o, u = coords, ~coords
-  score_fn = _exact_conditional_and_absent_score_fn(MU, SIGMA, coords)
+  score_fn = testing.gaussian_task_score_fn(SDE, MU, SIGMA)
   rs = np.random.RandomState(0)
   x = rs.randn(6, len(MU)).astype(np.float32)
   y = x[:, o]
@@ -297,7 +272,7 @@ def test_guided_score_is_the_score_of_the_tilted_gaussian():
 def test_guidance_zero_is_the_unguided_sampler_bit_for_bit():
   mask = np.array([True, False, True])
   coords = np.repeat(mask, DIMS)
-  score_fn = _exact_conditional_and_absent_score_fn(MU, SIGMA, coords)
+  score_fn = testing.gaussian_task_score_fn(SDE, MU, SIGMA)
   y = _observation()
 
   def run(**kwargs):
@@ -363,24 +338,45 @@ def _joint_tilted_precision(sigma, v):
   return (1 + v) * np.linalg.inv(sigma) - v * block_inv
 
 
+def _gaussian_log_density_grad(mean, cov, z):
+  """grad_z log N(z; mean, cov) for rows z [B, d]."""
+  return -np.linalg.solve(cov, (z - mean).T).T
+
+
 @pytest.mark.parametrize("t", [0.0, 0.3])
-def test_joint_guided_score_is_the_score_of_the_tilted_joint(t):
-  """(1 + v) grad log p_t(x) - v sum_m grad log p_t(x_m), in closed form for
-  the VP-diffused Gaussian, p_t = N(a mu, a^2 Sigma + s^2 I)."""
+@pytest.mark.parametrize("mask", [(False, False, False), (True, False, False),
+                                  (True, False, True)])
+def test_guided_score_is_the_gradient_of_the_guided_log_density(t, mask):
+  """On the unobserved coordinates u, for the VP-diffused Gaussian:
+  grad_u [(1 + w + v) log p_t(x_u, y_o) - w log p_t(x_u) - v sum_{m in u} log p_t(x_m)],
+  x_u at time t and y_o clean (time 0), each density in closed form."""
+  mask = np.array(mask)
+  coords = np.repeat(mask, DIMS)
+  u = ~coords
   score_fn = testing.gaussian_task_score_fn(SDE, MU, SIGMA)
-  x = jnp.asarray(np.random.RandomState(2).randn(6, len(MU)), jnp.float32)
+  x = np.random.RandomState(2).randn(6, len(MU)).astype(np.float32)
   ts = jnp.full((6,), t, jnp.float32)
   a, s = (float(v[0]) for v in SDE.marginal_coeffs(ts))
-  sigma_t = a ** 2 * SIGMA + s ** 2 * np.eye(len(MU))
-  r = np.asarray(x) - a * MU
-  for v in (0.0, 1.0, 2.5):
-    got = sample_lib.get_joint_guided_score_fn(score_fn, DIMS, v)(
-        None, x, ts, jnp.zeros_like(x))
-    expected = -r @ _joint_tilted_precision(sigma_t, v)
-    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+  # (x_u at t, y_o at 0) ~ N(scale mu, scale Sigma scale + s^2 diag(u)).
+  scale = np.where(u, a, 1.0)
+  joint_cov = scale[:, None] * SIGMA * scale + np.diag(np.where(u, s ** 2, 0.0))
+  joint = _gaussian_log_density_grad(scale * MU, joint_cov, x)[:, u]
+  diffused_cov = a ** 2 * SIGMA + s ** 2 * np.eye(len(MU))
+  marginal_u = _gaussian_log_density_grad(a * MU[u], diffused_cov[np.ix_(u, u)], x[:, u])
+  per_modality = np.zeros_like(x)
+  for m in np.flatnonzero(~mask):
+    c = np.repeat(np.arange(len(DIMS)) == m, DIMS)
+    per_modality[:, c] = _gaussian_log_density_grad(a * MU[c], diffused_cov[np.ix_(c, c)],
+                                                    x[:, c])
+  cond = jnp.broadcast_to(jnp.where(coords, sample_lib.CLEAN, sample_lib.DIFFUSED), x.shape)
+  for w, v in ((0.0, 0.0), (2.0, 0.0), (0.0, 1.0), (2.0, 1.5)):
+    got = sample_lib.get_guided_score_fn(score_fn, w, v, DIMS)(
+        None, jnp.asarray(x), ts, cond, jnp.broadcast_to(coords, x.shape))
+    expected = (1 + w + v) * joint - w * marginal_u - v * per_modality[:, u]
+    np.testing.assert_allclose(np.asarray(got)[:, u], expected, rtol=3e-4, atol=3e-4)
 
 
-def test_joint_guidance_zero_is_bit_for_bit_and_leaves_conditional_batches_alone():
+def test_joint_guidance_zero_is_bit_for_bit_and_tilts_unconditional_samples():
   score_fn = testing.gaussian_task_score_fn(SDE, MU, SIGMA)
 
   def run(mask, **kwargs):
@@ -389,18 +385,18 @@ def test_joint_guidance_zero_is_bit_for_bit_and_leaves_conditional_batches_alone
     return _run(sampler, _observation(), mask)
 
   nothing, some = np.zeros(3, bool), np.array([True, False, True])
-  np.testing.assert_array_equal(run(nothing, joint_guidance=0.0), run(nothing))
-  np.testing.assert_array_equal(run(some, joint_guidance=2.0), run(some))
-  # Joint guidance does act on unconditional batches: it moves the samples
-  # towards the tilted joint, precision (1 + v) Sigma^-1 - v blockdiag(Sigma_mm^-1)
-  # (not onto it: the guided score is not the score of the diffused tilted
-  # density). Measured at v = 1, whitened covariance error against the tilted
-  # law 0.22 (0.15 with 100 steps and 2 corrector steps), against the
-  # untilted one 0.47; the unguided samples match the untilted one.
-  unguided, guided = run(nothing), run(nothing, joint_guidance=1.0)
+  unguided = run(nothing)
+  np.testing.assert_array_equal(run(nothing, joint_guidance=0.0), unguided)
+  np.testing.assert_array_equal(run(some, joint_guidance=0.0), run(some))
+  # Unconditional samples move towards the tilted joint p(x) (p(x) / prod_m p(x_m))^v,
+  # precision (1 + v) Sigma^-1 - v blockdiag(Sigma_mm^-1), centred at mu (not onto
+  # it: the guided score is not the score of the diffused tilted density).
+  # Measured at v = 1, whitened covariance error against the tilted law 0.22
+  # (0.15 with 100 steps and 2 corrector steps), against the untilted one 0.47.
+  guided = run(nothing, joint_guidance=1.0)
   tilted, untilted = (np.linalg.inv(_joint_tilted_precision(SIGMA, v)) for v in (1.0, 0.0))
   err_mean, err_cov = testing.whitened_errors(unguided, MU, untilted)
   assert err_mean < 0.06 and err_cov < 0.1, (err_mean, err_cov)
-  err_mean, err_cov = testing.whitened_errors(guided, MU, tilted)  # centred at mu too
+  err_mean, err_cov = testing.whitened_errors(guided, MU, tilted)
   assert err_mean < 0.06 and err_cov < 0.3, (err_mean, err_cov)
   assert testing.whitened_errors(guided, MU, untilted)[1] > 2 * err_cov

@@ -21,15 +21,25 @@ mean (Tweedie): since x_t = alpha x_0 + std z,
   E[x_0 | x_t] = (x_t + std^2 * grad log p_t(x_t)) / alpha,
 and the observed coordinates return the observed values exactly.
 
-Classifier-free guidance (`guidance` = w > 0, for a model trained with
-`absent_prob` > 0): every score evaluation also asks the model for the score of
-the same unobserved modalities with the observed ones ABSENT (zeroed and
-flagged), i.e. the score of their marginal p_t(x_u), and uses
-  s_cond + w (s_cond - s_uncond),
-the score of p_t(x_u) p_t(x_o | x_u)^(1 + w) (up to normalisation): the
-observation's likelihood sharpened, trading diversity for coherence. Both
-evaluations run as one network call on a batch of 2B. Unconditional generation
-(nothing observed) is unaffected; w = 0 is the unguided sampler exactly.
+Guidance (for a model trained with `absent_prob` > 0, so it knows the
+scores of tasks with some modalities ABSENT: zeroed and flagged). Two terms
+on the score of the unobserved modalities u given the observed ones o:
+  s_cond + w (s_cond - s_absent) + v (s_cond - s_marg).
+  * Classifier-free guidance (`guidance` = w): s_absent is the score of the
+    same x_u with the observed modalities absent, i.e. of their marginal
+    p_t(x_u); it sharpens the observation's likelihood p_t(x_o | x_u)^(1 + w).
+  * Joint guidance (`joint_guidance` = v): s_marg holds, on each unobserved
+    modality m, its score with every other modality absent (its marginal
+    p_t(x_m)); it tilts towards tuples whose modalities explain each other,
+    including the unobserved ones among themselves. It is the only guidance
+    that acts on unconditional generation (nothing observed, where
+    s_absent = s_cond).
+As a vector field the sum is the gradient in x_u of
+  (1 + w + v) log p_t(x_u, x_o) - w log p_t(x_u) - v sum_{m in u} log p_t(x_m),
+the score of p(x_u | x_o) p(x_o | x_u)^w (p(x_u, x_o) / prod_{m in u} p(x_m))^v
+(at every t; the sampler follows these scores, which are not the diffusion of
+one tilted density). All tasks run as one network call on (1 + [w > 0] +
+M [v > 0]) B rows; w = v = 0 is the unguided sampler exactly.
 
 Replacement is approximate even with the exact score: the unobserved
 coordinates follow the joint score at an observed value that is not
@@ -52,67 +62,55 @@ from sbmae.latents import CLEAN
 from sbmae.latents import DIFFUSED
 from sbmae.latents import modality_mask_to_coords
 
-def get_guided_score_fn(score_fn, guidance: float):
-  """Classifier-free guidance against the same task with the observed modalities absent.
+def get_guided_score_fn(score_fn, guidance: float, joint_guidance: float = 0.0,
+                        dims: Sequence[int] = ()):
+  """Classifier-free and joint guidance (see the module docstring).
 
   Args:
     score_fn: score_fn(params, x [B, D], t [B], clean_mask [B, D]) -> [B, D].
-    guidance: the weight w (static); 0 returns score_fn's value unchanged.
+    guidance: the classifier-free weight w (static).
+    joint_guidance: the joint weight v (static).
+    dims: static per-modality latent sizes (M blocks of D); needed when v > 0.
 
   Returns:
     guided(params, x, t, clean_mask, observed [B, D] bool) -> [B, D]:
-    s_cond + w (s_cond - s_absent), s_cond = score_fn(x, t, clean_mask) and
-    s_absent the score with the `observed` coordinates zeroed and ABSENT, both
-    from one network call on 2B rows. Only the unobserved coordinates of the
-    result are meaningful.
+    s_cond + w (s_cond - s_absent) + v (s_cond - s_marg), with
+    s_cond = score_fn(x, t, clean_mask), s_absent the score with the
+    `observed` coordinates zeroed and ABSENT and s_marg, on modality m's
+    coordinates, the score with every other modality zeroed and ABSENT; all
+    from one network call. Only the unobserved coordinates of the result are
+    meaningful. w = v = 0 returns score_fn's value unchanged.
   """
-  guidance = float(guidance)
+  guidance, joint_guidance = float(guidance), float(joint_guidance)
+  dims = tuple(int(d) for d in dims)
+  if joint_guidance and not dims:
+    raise ValueError("joint guidance needs the modalities' latent sizes (dims)")
+  own = np.repeat(np.eye(len(dims), dtype=bool), dims, axis=1)[:, None]  # [M, 1, D]
 
   def guided(params, x, t, clean_mask, observed):
-    if not guidance:
+    if not guidance and not joint_guidance:
       return score_fn(params, x, t, clean_mask)
-    b = x.shape[0]
-    absent = jnp.where(observed, ABSENT, clean_mask)
-    both = score_fn(params, jnp.concatenate([x, jnp.where(observed, 0.0, x)]),
-                    jnp.concatenate([t, t]), jnp.concatenate([clean_mask, absent]))
-    s_cond, s_absent = both[:b], both[b:]
-    return s_cond + guidance * (s_cond - s_absent)
+    xs, masks = [x[None]], [clean_mask[None]]
+    if guidance:
+      xs.append(jnp.where(observed, 0.0, x)[None])
+      masks.append(jnp.where(observed, ABSENT, clean_mask)[None])
+    if joint_guidance:
+      xs.append(jnp.where(own, x, 0.0))
+      masks.append(jnp.where(own, clean_mask, ABSENT))
+    xs, masks = jnp.concatenate(xs), jnp.concatenate(masks)  # [tasks, B, D]
+    tasks, b = xs.shape[:2]
+    out = score_fn(params, xs.reshape(tasks * b, -1), jnp.tile(t, tasks),
+                   masks.reshape(tasks * b, -1)).reshape(tasks, b, -1)
+    s_cond = out[0]
+    result = s_cond
+    if guidance:
+      result = result + guidance * (s_cond - out[1])
+    if joint_guidance:
+      s_marg = jnp.sum(jnp.where(own, out[tasks - len(dims):], 0.0), axis=0)
+      result = result + joint_guidance * (s_cond - s_marg)
+    return result
 
   return guided
-
-
-def get_joint_guided_score_fn(score_fn, dims: Sequence[int], weight: float):
-  """Joint guidance for unconditional generation: each modality against its marginal.
-
-  Args:
-    score_fn: score_fn(params, x [B, D], t [B], clean_mask [B, D]) -> [B, D].
-    dims: static per-modality latent sizes (M blocks of D).
-    weight: the weight v (static); 0 returns score_fn's value unchanged.
-
-  Returns:
-    joint(params, x, t, clean_mask) -> [B, D]: s + v (s - s_marg), where
-    s = score_fn(x, t, clean_mask) and s_marg holds on modality m's
-    coordinates the score of the same x with every other modality zeroed and
-    ABSENT; M + 1 tasks in one network call on (M + 1) B rows. Meant for
-    rows where nothing is observed (see the module docstring).
-  """
-  weight = float(weight)
-  dims = tuple(int(d) for d in dims)
-  own = np.repeat(np.eye(len(dims), dtype=bool), dims, axis=1)  # [M, D]
-
-  def joint(params, x, t, clean_mask):
-    if not weight:
-      return score_fn(params, x, t, clean_mask)
-    b, m = x.shape[0], len(dims)
-    xs = jnp.concatenate([x[None], jnp.where(own[:, None], x, 0.0)])  # [M + 1, B, D]
-    masks = jnp.concatenate([clean_mask[None],
-                             jnp.where(own[:, None], clean_mask, ABSENT)])
-    out = score_fn(params, xs.reshape((m + 1) * b, -1), jnp.tile(t, m + 1),
-                   masks.reshape((m + 1) * b, -1)).reshape(m + 1, b, -1)
-    s, s_marg = out[0], jnp.sum(jnp.where(own[:, None], out[1:], 0.0), axis=0)
-    return s + weight * (s - s_marg)
-
-  return joint
 
 
 def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
@@ -129,7 +127,8 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
       CLEAN or ABSENT per coordinate.
     dims: static per-modality latent sizes.
     num_steps: predictor steps (score evaluations per sample:
-      num_steps * (1 + corrector_steps) + 1, each on 2B rows when guided).
+      num_steps * (1 + corrector_steps) + 1, each on 2B rows with
+      classifier-free guidance, (M + 2) B with joint guidance too).
     corrector_steps: Langevin steps before each predictor step (0: none).
     snr: Langevin signal-to-noise target. The step size follows score_sde's
       LangevinCorrector, 2 alpha (snr ||z|| / ||score||)^2, with the norms
@@ -143,9 +142,9 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     guidance: classifier-free guidance weight w (static; 0: unguided, no
       extra network evaluations). Needs a model trained with absent
       modalities.
-    joint_guidance: joint guidance weight v for batches where nothing is
-      observed (static; 0: none). Needs a model trained with absent
-      modalities (each modality's marginal).
+    joint_guidance: joint guidance weight v (static; 0: none, no extra
+      network evaluations). Needs a model trained with absent modalities
+      (each modality's marginal).
 
   Returns:
     A jitted sample(rng, params, observed, observed_mask) -> latents [B, D]:
@@ -155,8 +154,7 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     subset.
   """
   dims = tuple(int(d) for d in dims)
-  guided_score_fn = get_guided_score_fn(score_fn, guidance)
-  joint_score_fn = get_joint_guided_score_fn(score_fn, dims, joint_guidance)
+  guided_score_fn = get_guided_score_fn(score_fn, guidance, joint_guidance, dims)
   # Static time grid with num_steps intervals, ending exactly at eps.
   times = np.linspace(sde.T, eps, num_steps + 1).astype(np.float32)
 
@@ -179,11 +177,7 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
       return jnp.where(obs, target, x)
 
     def score(x, t):
-      t = jnp.full((batch,), t)
-      if not joint_guidance:
-        return guided_score_fn(params, x, t, cond, obs)
-      return jax.lax.cond(jnp.any(obs), lambda: guided_score_fn(params, x, t, cond, obs),
-                          lambda: joint_score_fn(params, x, t, cond))
+      return guided_score_fn(params, x, jnp.full((batch,), t), cond, obs)
 
     def step(i, x):
       t, t_next = grid[i], grid[i + 1]
