@@ -356,13 +356,17 @@ def _refine_basis(x, w, knots, theta, edges, steps=20):
   w_k <- E[g_k'(w_k.x)] w_k - E[x g_k(w_k.x)], within each block, followed by
   symmetric decorrelation of the block; directions without a spline stay.
   """
-  kept = jnp.any(theta != 0, axis=1)
+  spans = list(zip(edges[:-1], edges[1:]))
 
   def step(w, _):
-    g, dg = marginal_splines({"knots": knots, "theta": theta}, x @ w)
-    new = w * jnp.mean(dg, 0) - x.T @ g / x.shape[0]
-    new = jnp.where(kept, new / jnp.maximum(jnp.linalg.norm(new, axis=0), 1e-12), w)
-    blocks = [polar_factor(new[a:b, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    blocks = []
+    for a, b in spans:  # per block: x_b w_b and x_b^T g_b, never the D x D products.
+      x_b, w_b = x[:, a:b], w[a:b, a:b]
+      g, dg = marginal_splines({"knots": knots[a:b], "theta": theta[a:b]}, x_b @ w_b)
+      new = w_b * jnp.mean(dg, 0) - x_b.T @ g / x.shape[0]
+      kept = jnp.any(theta[a:b] != 0, axis=1)
+      new = jnp.where(kept, new / jnp.maximum(jnp.linalg.norm(new, axis=0), 1e-12), w_b)
+      blocks.append(polar_factor(new))
     return jax.scipy.linalg.block_diag(*blocks), None
 
   return jax.lax.scan(step, w, None, length=steps)[0]
