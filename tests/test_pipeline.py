@@ -89,6 +89,9 @@ def test_bad_config_values_are_named(tiny_config):
   with pytest.raises(ValueError, match="guidance"):
     errors.validate_config(config)
   config.sampling.guidance = 0.0
+  with pytest.raises(ValueError, match="joint_guidance"):
+    errors.validate_config(config)
+  config.sampling.joint_guidance = 0.0
   errors.validate_config(config)
 
 
