@@ -54,7 +54,9 @@ class MultimodalModel:
         sde, score_fn, self.dims, num_steps=sampling_config.num_steps,
         corrector_steps=sampling_config.corrector_steps, snr=sampling_config.snr,
         eps=sampling_config.eps, clean_conditioning=sampling_config.clean_conditioning,
-        guidance=sampling_config.guidance, joint_guidance=sampling_config.joint_guidance)
+        guidance=sampling_config.guidance,
+        # Runs saved before joint guidance existed sampled without it.
+        joint_guidance=sampling_config.get("joint_guidance", 0.0))
 
   @functools.partial(jax.jit, static_argnums=0)
   def latents_to_flat(self, latents):

@@ -13,6 +13,7 @@ import pytest
 from configs import polymnist as polymnist_config
 from sbmae import errors
 from sbmae import pipeline
+from sbmae import rundir
 from sbmae import system
 from sbmae import training
 from sbmae.tools import rank_sweep
@@ -50,6 +51,15 @@ def test_two_step_pipeline_writes_every_output(tmp_path, tiny_config):
   out = mm.generate(jax.random.PRNGKey(0), batch, observed=["m1"])
   assert set(out) == set(mm.names) and out["m0"].shape == (3, 28, 28, 3)
   assert np.all(np.isfinite(out["m4"]))
+  # A run saved before `sampling.joint_guidance` existed loads with its own sampler (v = 0).
+  unguided = rundir.RunDir(tmp_path).load_config()
+  unguided.sampling.joint_guidance = 0.0
+  old = rundir.RunDir(tmp_path).load_config()
+  del old.sampling["joint_guidance"]
+  outputs = [system.load(tmp_path, c).generate(jax.random.PRNGKey(0), batch, observed=["m1"])
+             for c in (unguided, old, None)]
+  np.testing.assert_array_equal(outputs[1]["m4"], outputs[0]["m4"])
+  assert not np.array_equal(outputs[2]["m4"], outputs[0]["m4"])  # the saved v = 1 differs
 
 
 def test_classifier_is_trained_once_per_data_and_settings(tmp_path, monkeypatch, tiny_config):
