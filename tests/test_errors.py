@@ -211,7 +211,7 @@ def untrained_model(tiny_config):
   config = tiny_config()
   config.data.num_modalities = 2
   mods = registry.get(config.data).modalities(config.data)
-  models, _, ae_state = autoencoders._init(config, mods)  # pylint: disable=protected-access
+  models, _, ae_state = autoencoders.init_state(config, mods)
   dims = [config.autoencoder.latent_dim] * len(mods)
   d = dims[0]
   identity = {m.name: np.eye(d, dtype=np.float32) for m in mods}

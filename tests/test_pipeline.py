@@ -16,6 +16,7 @@ from sbmae import pipeline
 from sbmae import rundir
 from sbmae import system
 from sbmae import training
+from sbmae.tools import ae_ceiling
 from sbmae.tools import rank_sweep
 
 
@@ -60,6 +61,21 @@ def test_two_step_pipeline_writes_every_output(tmp_path, tiny_config):
              for c in (unguided, old, None)]
   np.testing.assert_array_equal(outputs[1]["m4"], outputs[0]["m4"])
   assert not np.array_equal(outputs[2]["m4"], outputs[0]["m4"])  # the saved v = 1 differs
+
+  # ae_ceiling retrains the autoencoders exactly as the stage did (same test MSE), scores
+  # them with the run's classifiers and leaves the run folder as it was.
+  files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  config = tiny_config()
+  everything = ae_ceiling.measure(config, tmp_path, None, num_examples=64)
+  stage_mse = json.loads((tmp_path / "autoencoders" / "test_reconstruction.json").read_text())
+  for name, mse in stage_mse.items():
+    np.testing.assert_allclose(everything[f"test_mse_{name}"], mse, rtol=1e-5)
+  one = ae_ceiling.measure(config, tmp_path, ["m3"], num_examples=20)
+  assert sorted(one) == ["num_examples", "reconstruction_m3", "test_mse_m3", "train_s"]
+  assert one["num_examples"] == 20 and 0.0 <= one["reconstruction_m3"] <= 1.0
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
+  with pytest.raises(errors.ConfigError, match=r"--modalities: \['m7'\] not in"):
+    ae_ceiling.measure(config, tmp_path, ["m3", "m7"])
 
 
 def test_classifier_is_trained_once_per_data_and_settings(tmp_path, monkeypatch, tiny_config):

@@ -172,8 +172,8 @@ def _encode_splits(config, models, params, data, names):
   return z, usage
 
 
-def _init(config, modalities):
-  """(models, optimiser, freshly initialised TrainState)."""
+def init_state(config, modalities):
+  """(models, optimiser, freshly initialised TrainState) of `config.autoencoder`."""
   c = config.autoencoder
   models = build_models(c, modalities)
   tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=c.warmup_steps,
@@ -184,7 +184,7 @@ def _init(config, modalities):
 
 def restore(config, run, modalities):
   """(models, dict name -> params, Whitening) of a finished autoencoders stage."""
-  models, _, state = _init(config, modalities)
+  models, _, state = init_state(config, modalities)
   state = training.restore_stage(run.checkpoints(STAGE), STAGE, state)
   return models, state.params, latents_lib.Whitening.load(run.latent_stats)
 
@@ -204,7 +204,7 @@ def train(config, run, data, modalities, writer):
   """
   c = config.autoencoder
   names = [m.name for m in modalities]
-  models, tx, state = _init(config, modalities)
+  models, tx, state = init_state(config, modalities)
   ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
                         seed=stages.stage_seed(config, STAGE))
   state = training.run(
@@ -229,7 +229,7 @@ def train(config, run, data, modalities, writer):
   stats = latents_lib.Whitening.fit(z["train"])
   white = {s: {n: np.asarray(v) for n, v in stats.whiten(z[s]).items()} for s in z}
   decode = decode_fn(models)
-  test_rec = _test_reconstruction(encode, decode, params, data["test"], modalities)
+  test_rec = reconstruction_mse(encode, decode, params, data["test"], modalities)
   logging.info("[autoencoders] test reconstruction MSE per dim: %s",
                " ".join(f"{n}={v:.5f}" for n, v in test_rec.items()))
   writer.scalars(c.num_steps, test_rec, prefix="autoencoders/test_mse")
@@ -258,7 +258,8 @@ def load_latents(run):
   return out
 
 
-def _test_reconstruction(encode, decode, params, arrays, modalities, batch_size=500):
+def reconstruction_mse(encode, decode, params, arrays, modalities, batch_size=500):
+  """dict name -> mean squared error per dimension of decode(encode(x)) over `arrays`."""
   names = [m.name for m in modalities]
   total, count = dict.fromkeys(names, 0.0), 0
   for batch in input_pipeline.eval_batches(arrays, batch_size):
