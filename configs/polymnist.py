@@ -56,8 +56,9 @@ def get_config(arg=""):
     # reconstruction ceiling 0.873 -> 0.932, mean coherence 0.712 -> 0.744.
     # PolyMNIST-10 keeps 2,000: its ten autoencoders would take ~1.7 h more.
     # Latent 128 at learning rate 4e-3 raises the ceiling (0.932 -> 0.944) but
-    # lowers mean conditional coherence (0.784 -> 0.748) and adds 9 minutes
-    # (README, "Autoencoder recipe for the textured modalities").
+    # lowers mean conditional coherence (0.784 -> 0.748) and adds 371 s of
+    # prior and evaluation (README, "Autoencoder recipe for the textured
+    # modalities").
     m10 = "m10" in tokens
     config.autoencoder.update(kind="vae", beta=0.01, widths=(16, 32, 64),
                               num_steps=2000 if m10 else 8000,

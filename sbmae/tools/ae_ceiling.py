@@ -36,6 +36,7 @@ from sbmae.eval import polymnist
 from sbmae.stages import autoencoders
 from sbmae.stages import classifier as classifier_lib
 
+
 def measure(config, workdir, names=None, num_examples=2000):
   """Trains the named modalities' autoencoders alone; returns their ceiling.
 
