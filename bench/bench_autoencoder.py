@@ -23,13 +23,14 @@ from sbmae import training
 
 flags.DEFINE_integer("iters", 5, "Timed steps.")
 flags.DEFINE_list("cases", ["1x256", "1x32", "5x256"], "modalities x batch size.")
+flags.DEFINE_list("widths", ["64", "128", "256"], "Conv widths (the cpu config's: 16,32,64).")
 FLAGS = flags.FLAGS
 
 
 def bench(num_modalities, batch_size, peak):
   config = ml_collections.ConfigDict(dict(
-      kind="rae", latent_dim=64, widths=(64, 128, 256), blocks_per_stage=1, beta=0.01,
-      noise_std=0.01))
+      kind="rae", latent_dim=64, widths=tuple(map(int, FLAGS.widths)), blocks_per_stage=1,
+      beta=0.01, noise_std=0.01))
   mods = modalities.polymnist(num_modalities)
   models = autoencoders.build_models(config, mods)
   tx = training.make_optimizer(1e-3, 1000)
@@ -39,8 +40,10 @@ def bench(num_modalities, batch_size, peak):
 
   batch = {m.name: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, m in enumerate(mods)}
-  common.time_train_step(f"autoencoder train step, {num_modalities} modality(ies), batch {batch_size}", step, state, batch,
-                         batch_size * num_modalities, "images", peak, FLAGS.iters)
+  name = (f"autoencoder {'-'.join(FLAGS.widths)} train step, {num_modalities} "
+          f"modality(ies), batch {batch_size}")
+  common.time_train_step(name, step, state, batch, batch_size * num_modalities, "images",
+                         peak, FLAGS.iters)
 
 
 def main(_):
