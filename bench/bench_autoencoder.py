@@ -4,6 +4,8 @@ One modality's residual autoencoder (widths 64-128-256, latent 64, 28x28x3
 padded to 32x32), full train step (loss, grads, Adam update) at batch 256 and
 32, and the 5-modality step of the pipeline at batch 256; examples/s and the
 share of the machine's fp32 matmul peak (FLOPs from XLA's cost analysis).
+`--widths=16,32,64 --cases=5x64` times the `cpu` config's conv widths and batch
+(as an RAE; its VAE adds one Gaussian sample per latent).
 
 Reference, PyTorch SBM-AE on the same 2-core CPU: batch 256 2.16 s
 (118 images/s, ~40% of peak); batch 32 0.21 s.
