@@ -16,6 +16,7 @@ Reference, PyTorch SBM-AE U-Net on the same 2-core CPU: train step 1.21 s;
 
 Run:
   JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet]
+      [--guidance=2 --joint_guidance=1 --corrector_steps=3]  # the cpu config's sampler
 """
 
 from absl import app
@@ -38,6 +39,10 @@ flags.DEFINE_integer("train_iters", 10, "Timed train steps (after warm-up).")
 flags.DEFINE_integer("sample_iters", 3, "Timed sampler calls (after warm-up).")
 flags.DEFINE_integer("num_steps", 100, "Predictor steps of the sampler.")
 flags.DEFINE_integer("corrector_steps", 1, "Corrector steps per predictor step.")
+flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w of the sampler.")
+flags.DEFINE_float("joint_guidance", 0.0, "Joint guidance weight v of the sampler; > 0 "
+                   "also times it with min_observed = 2 (the marginals of the 3 "
+                   "unobserved modalities only).")
 
 DIMS = (64,) * 5
 MODELS = {
@@ -91,19 +96,27 @@ def bench_model(name, peak):
   x, t, clean = jnp.zeros((b, d)), jnp.full((b,), 0.5), jnp.zeros((b, d))
   score_flops = common.flops(jax.jit(score_fn).lower(params, x, t, clean).compile())
   evals = FLAGS.num_steps * (1 + FLAGS.corrector_steps) + 1
+  w, v = FLAGS.guidance, FLAGS.joint_guidance
   sampler = sample_lib.get_sampler(sde, score_fn, DIMS, num_steps=FLAGS.num_steps,
-                                   corrector_steps=FLAGS.corrector_steps)
+                                   corrector_steps=FLAGS.corrector_steps,
+                                   clean_conditioning=bool(w or v), guidance=w,
+                                   joint_guidance=v)
   observed = jnp.zeros((b, d))
   mask = np.array([True, False, True, False, False])  # 2 of 5 observed.
   keys = iter(range(10 ** 6))
+  for min_observed in (0, 2) if v else (0,):
+    # Network rows per score evaluation, in units of the batch (sbmae.diffusion.sample).
+    rows = 1 + (w > 0) + (len(DIMS) - min_observed) * (v > 0)
 
-  def run_sampler():
-    return sampler(jax.random.PRNGKey(next(keys)), params, observed, mask)
-  run_sampler()  # compile + warm-up
-  seconds = common.median_seconds(run_sampler, FLAGS.sample_iters)
-  common.report(f"{name} sampler, {FLAGS.num_steps} steps x (1 + "
-                f"{FLAGS.corrector_steps}) for {b} samples ({evals} score evals)",
-                seconds, b, "samples", evals * score_flops, peak)
+    def run_sampler(min_observed=min_observed):
+      return sampler(jax.random.PRNGKey(next(keys)), params, observed, mask,
+                     min_observed=min_observed)
+    run_sampler()  # compile + warm-up
+    seconds = common.median_seconds(run_sampler, FLAGS.sample_iters)
+    common.report(f"{name} sampler, {FLAGS.num_steps} steps x (1 + "
+                  f"{FLAGS.corrector_steps}) for {b} samples ({evals} score evals x "
+                  f"{rows} B rows: w {w:g}, v {v:g}, min_observed {min_observed})",
+                  seconds, b, "samples", evals * rows * score_flops, peak)
 
 
 def main(argv):

@@ -151,7 +151,8 @@ class MultimodalModel:
     full = {m.name: batch[m.name] if m.name in batch else
             jnp.zeros((size,) + tuple(m.shape), jnp.float32) for m in self.modalities}
     flat = self._encode(full)  # checked above; the zero-filled rest needs no check
-    latents = self.sampler(rng, self.prior_params, flat, jnp.asarray(observed, bool))
+    latents = self.sampler(rng, self.prior_params, flat, jnp.asarray(mask),
+                           min_observed=int(mask.sum(-1).min()))
     return self.decode(latents, decode_rng)
 
 

@@ -39,7 +39,8 @@ As a vector field the sum is the gradient in x_u of
 the score of p(x_u | x_o) p(x_o | x_u)^w (p(x_u, x_o) / prod_{m in u} p(x_m))^v
 (at every t; the sampler follows these scores, which are not the diffusion of
 one tilted density). All tasks run as one network call on (1 + [w > 0] +
-M [v > 0]) B rows; w = v = 0 is the unguided sampler exactly.
+R [v > 0]) B rows, R = M - `min_observed` (the marginals of the modalities
+that can be unobserved); w = v = 0 is the unguided sampler exactly.
 
 Replacement is approximate even with the exact score: the unobserved
 coordinates follow the joint score at an observed value that is not
@@ -62,6 +63,31 @@ from sbmae.latents import CLEAN
 from sbmae.latents import DIFFUSED
 from sbmae.latents import modality_mask_to_coords
 
+
+def joint_rows(observed_mask, dims: Sequence[int], num_rows: int):
+  """Coordinate masks of the modalities whose marginal scores joint guidance needs.
+
+  Args:
+    observed_mask: bool [M] or [B, M].
+    dims: the M static block sizes.
+    num_rows: static R, 0 <= R <= M; every example must have at most R
+      unobserved modalities.
+
+  Returns:
+    bool [R, 1 or B, D]: row r holds, per example, the coordinates of its r-th
+    unobserved modality in index order (then its observed ones, whose marginal
+    scores nothing uses). R = M gives every modality once, in index order,
+    whatever the mask (then the rows do not depend on it).
+  """
+  num_modalities = len(dims)
+  if num_rows == num_modalities:
+    return np.repeat(np.eye(num_modalities, dtype=bool), dims, axis=1)[:, None]
+  mask = jnp.atleast_2d(jnp.asarray(observed_mask, bool))  # [1 or B, M]
+  order = jnp.argsort(mask, axis=-1, stable=True)[:, :num_rows]  # unobserved first
+  rows = jax.nn.one_hot(order, num_modalities, dtype=bool)  # [1 or B, R, M]
+  return jnp.swapaxes(modality_mask_to_coords(rows, dims), 0, 1)
+
+
 def get_guided_score_fn(score_fn, guidance: float, joint_guidance: float = 0.0,
                         dims: Sequence[int] = ()):
   """Classifier-free and joint guidance (see the module docstring).
@@ -73,21 +99,22 @@ def get_guided_score_fn(score_fn, guidance: float, joint_guidance: float = 0.0,
     dims: static per-modality latent sizes (M blocks of D); needed when v > 0.
 
   Returns:
-    guided(params, x, t, clean_mask, observed [B, D] bool) -> [B, D]:
+    guided(params, x, t, clean_mask, observed [B, D] bool, own=None) -> [B, D]:
     s_cond + w (s_cond - s_absent) + v (s_cond - s_marg), with
     s_cond = score_fn(x, t, clean_mask), s_absent the score with the
     `observed` coordinates zeroed and ABSENT and s_marg, on modality m's
     coordinates, the score with every other modality zeroed and ABSENT; all
-    from one network call. Only the unobserved coordinates of the result are
-    meaningful. w = v = 0 returns score_fn's value unchanged.
+    from one network call. `own` ([R, 1 or B, D] bool, `joint_rows`) names
+    the modalities whose marginals are computed, one per row; None: all M.
+    Only the unobserved coordinates of the result are meaningful, and only
+    where `own` covers them. w = v = 0 returns score_fn's value unchanged.
   """
   guidance, joint_guidance = float(guidance), float(joint_guidance)
   dims = tuple(int(d) for d in dims)
   if joint_guidance and not dims:
     raise ValueError("joint guidance needs the modalities' latent sizes (dims)")
-  own = np.repeat(np.eye(len(dims), dtype=bool), dims, axis=1)[:, None]  # [M, 1, D]
 
-  def guided(params, x, t, clean_mask, observed):
+  def guided(params, x, t, clean_mask, observed, own=None):
     if not guidance and not joint_guidance:
       return score_fn(params, x, t, clean_mask)
     xs, masks = [x[None]], [clean_mask[None]]
@@ -95,6 +122,8 @@ def get_guided_score_fn(score_fn, guidance: float, joint_guidance: float = 0.0,
       xs.append(jnp.where(observed, 0.0, x)[None])
       masks.append(jnp.where(observed, ABSENT, clean_mask)[None])
     if joint_guidance:
+      if own is None:
+        own = joint_rows(np.zeros(len(dims), bool), dims, len(dims))
       xs.append(jnp.where(own, x, 0.0))
       masks.append(jnp.where(own, clean_mask, ABSENT))
     xs, masks = jnp.concatenate(xs), jnp.concatenate(masks)  # [tasks, B, D]
@@ -106,7 +135,7 @@ def get_guided_score_fn(score_fn, guidance: float, joint_guidance: float = 0.0,
     if guidance:
       result = result + guidance * (s_cond - out[1])
     if joint_guidance:
-      s_marg = jnp.sum(jnp.where(own, out[tasks - len(dims):], 0.0), axis=0)
+      s_marg = jnp.sum(jnp.where(own, out[tasks - len(own):], 0.0), axis=0)
       result = result + joint_guidance * (s_cond - s_marg)
     return result
 
@@ -128,7 +157,8 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     dims: static per-modality latent sizes.
     num_steps: predictor steps (score evaluations per sample:
       num_steps * (1 + corrector_steps) + 1, each on 2B rows with
-      classifier-free guidance, (M + 2) B with joint guidance too).
+      classifier-free guidance, (2 + M - min_observed) B with joint guidance
+      too).
     corrector_steps: Langevin steps before each predictor step (0: none).
     snr: Langevin signal-to-noise target. The step size follows score_sde's
       LangevinCorrector, 2 alpha (snr ||z|| / ||score||)^2, with the norms
@@ -147,23 +177,30 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
       (each modality's marginal).
 
   Returns:
-    A jitted sample(rng, params, observed, observed_mask) -> latents [B, D]:
-    `observed` is [B, D] (values on unobserved modalities are ignored),
-    `observed_mask` a bool [M] (same subset for the whole batch) or [B, M]
-    mask. It compiles once per (B, mask rank, params structure), never per
-    subset.
+    A jitted sample(rng, params, observed, observed_mask, min_observed=0) ->
+    latents [B, D]: `observed` is [B, D] (values on unobserved modalities are
+    ignored), `observed_mask` a bool [M] (same subset for the whole batch) or
+    [B, M] mask. `min_observed` (static) promises that every example observes
+    at least that many modalities: joint guidance then computes M -
+    min_observed marginal scores instead of M (the others belong to observed
+    modalities), (M - k) / M of its rows for subsets of size k; if an example
+    observes fewer, the whole batch comes back NaN (the Langevin step size is
+    a batch mean). It compiles once per (B, mask rank,
+    min_observed, params structure), never per subset.
   """
   dims = tuple(int(d) for d in dims)
   guided_score_fn = get_guided_score_fn(score_fn, guidance, joint_guidance, dims)
   # Static time grid with num_steps intervals, ending exactly at eps.
   times = np.linspace(sde.T, eps, num_steps + 1).astype(np.float32)
 
-  def sample(rng, params, observed, observed_mask):
+  def sample(rng, params, observed, observed_mask, min_observed=0):
+    if not 0 <= min_observed <= len(dims):
+      raise ValueError(f"min_observed={min_observed}: expected 0..{len(dims)}")
     observed = jnp.asarray(observed, jnp.float32)
+    observed_mask = jnp.asarray(observed_mask, bool)
     batch = observed.shape[0]
-    obs = jnp.broadcast_to(
-        modality_mask_to_coords(jnp.asarray(observed_mask, bool), dims),
-        observed.shape)
+    obs = jnp.broadcast_to(modality_mask_to_coords(observed_mask, dims), observed.shape)
+    own = joint_rows(observed_mask, dims, len(dims) - min_observed) if joint_guidance else None
     cond = jnp.where(obs, CLEAN if clean_conditioning else DIFFUSED, DIFFUSED)
     free = 1.0 - obs.astype(observed.dtype)
     num_free = jnp.maximum(free.sum(), 1.0)
@@ -177,7 +214,7 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
       return jnp.where(obs, target, x)
 
     def score(x, t):
-      return guided_score_fn(params, x, jnp.full((batch,), t), cond, obs)
+      return guided_score_fn(params, x, jnp.full((batch,), t), cond, obs, own)
 
     def step(i, x):
       t, t_next = grid[i], grid[i + 1]
@@ -209,6 +246,8 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     x = impose(x, t_end, final_key)
     alpha, std = sde.marginal_coeffs(t_end)
     denoised = (x + std ** 2 * score(x, t_end)) / alpha
-    return jnp.where(obs, observed, denoised)
+    # The Langevin step size is shared by the batch: one broken example spoils it.
+    broken = jnp.any(jnp.sum(observed_mask, axis=-1) < min_observed)
+    return jnp.where(broken, jnp.nan, jnp.where(obs, observed, denoised))
 
-  return jax.jit(sample)
+  return jax.jit(sample, static_argnames="min_observed")

@@ -126,8 +126,9 @@ def chunked(fn, arrays, batch_size):
 def generate(mm, rng, flat, mask, batch_size):
   """Decoded samples for every row of `flat` [N, D] given the modality mask [M].
 
-  Rows are sampled in padded chunks of `batch_size` (one compiled sampler),
-  each chunk split over this process's devices.
+  Rows are sampled in padded chunks of `batch_size` (one compiled sampler per
+  subset size: joint guidance computes only the unobserved modalities'
+  marginals), each chunk split over this process's devices.
 
   Returns:
     dict name -> [N, ...]: observed modalities reconstructed, the others generated.
@@ -137,7 +138,8 @@ def generate(mm, rng, flat, mask, batch_size):
     observed, (params, sample_key) = training.shard_local(chunk["flat"],
                                                           (mm.prior_params, key))
     # Back on the host: the decoders' parameters live on the default device.
-    latents = jax.device_get(mm.sampler(sample_key, params, observed, mask))
+    latents = jax.device_get(mm.sampler(sample_key, params, observed, mask,
+                                        min_observed=int(np.sum(mask))))
     return mm.decode(latents, jax.random.fold_in(key, 1))
   return chunked(one, {"flat": flat}, batch_size)
 
