@@ -37,8 +37,10 @@ class _FakeModel:
     del rng
     return {n: flat[:, 2 * i:2 * i + 1] for i, n in enumerate(self.names)}
 
-  def sampler(self, rng, params, observed, mask):
+  def sampler(self, rng, params, observed, mask, min_observed=0):
     del rng, params
+    # The driver promises what each subset observes (joint guidance skips the rest).
+    assert min_observed == int(np.sum(mask)), (min_observed, mask)
     self.sampled_masks.append(tuple(np.asarray(mask)))
     fill = jnp.repeat(jnp.asarray(self.fill(np.asarray(mask)), jnp.float32), 2)
     obs = jnp.repeat(jnp.asarray(mask), 2)
