@@ -417,17 +417,17 @@ def test_joint_guidance_computes_only_the_unobserved_marginals():
   batch = 64
   observed = np.broadcast_to(np.asarray(_observation(), np.float32), (batch, sum(DIMS)))
   key = jax.random.PRNGKey(3)
-  full = {}
   for mask in ([False, False, False], [True, False, False], [True, False, True]):
     mask = np.asarray(mask)
     k = int(mask.sum())
-    full[k] = np.asarray(sampler(key, None, observed, mask))
+    full = np.asarray(sampler(key, None, observed, mask))
     rows.clear()  # each min_observed compiles once
     cut = np.asarray(sampler(key, None, observed, mask, min_observed=k))
     assert set(rows) == {(2 + 3 - k) * batch}, (k, rows)
-    np.testing.assert_allclose(cut, full[k], rtol=1e-5, atol=1e-5)
-  # Per-example masks: one or two observed; the first marginal of an example that
-  # observes one modality is its first unobserved modality's, the second is missing.
+    np.testing.assert_allclose(cut, full, rtol=1e-5, atol=1e-5)
+  # Per-example masks observing one or two modalities: min_observed = 1 computes two
+  # marginals per example (both unobserved ones, or the one and an unused observed
+  # one); promising 2 leaves the one-observed examples a marginal short.
   per_example = np.array([[True, False, False], [True, True, False]] * (batch // 2))
   full = np.asarray(sampler(key, None, observed, per_example))
   cut = np.asarray(sampler(key, None, observed, per_example, min_observed=1))
