@@ -1,7 +1,8 @@
 """Forward + backward of single convolutions by implementation (decides conv.py's choices).
 
-For the conv shapes of the models (batch 256), times value-and-gradient (wrt
-input and kernel) of sum(conv(x, k) * g) for:
+For the conv shapes of the models (batch 256), times the output conv(x, k)
+together with its vector-Jacobian product for a cotangent g (wrt input and
+kernel), as a train step computes them, for:
   lax      lax.conv_general_dilated (XLA:CPU's convolution);
   gemm     sbmae.models.conv.conv_gemm: pad/slice/concat im2col + one GEMM;
   patches  lax.conv_general_dilated_patches im2col + one GEMM;
@@ -14,7 +15,6 @@ are the convolution's 3 x 2 * M * K * N, the same for all).
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 import common
 from sbmae.models import conv
@@ -75,6 +75,12 @@ def lax_conv(x, kernel, strides, padding):
 IMPLS = {"lax": lax_conv, "gemm": conv.conv_gemm, "patches": patches_conv}
 
 
+def _value_and_vjp(fn, args, cotangent):
+  """(fn(*args), the vector-Jacobian product of `cotangent` wrt every arg)."""
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(cotangent)
+
+
 def bench_shape(label, k, s, size, cin, cout, peak):
   b = FLAGS.batch
   x = jax.random.normal(jax.random.PRNGKey(0), (b, size, size, cin))
@@ -86,8 +92,10 @@ def bench_shape(label, k, s, size, cin, cout, peak):
   line = [f"{label:24s} {num_flops / 1e9:6.2f} GFLOP"]
   for name in FLAGS.impls:
     fn = IMPLS[name]
-    step = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, (s, s), pads) * g),
-                            argnums=(0, 1)))
+    # The output is returned with the gradients: the gradient of a linear map
+    # needs no forward, and XLA drops an unused one (grad alone times the backward).
+    step = jax.jit(lambda x, w, fn=fn: _value_and_vjp(
+        lambda x, w: fn(x, w, (s, s), pads), (x, w), g))
     seconds = common.median_seconds(lambda: step(x, kernel), FLAGS.iters)
     line.append(f"{name} {1e3 * seconds:7.1f} ms ({100 * num_flops / seconds / 1e9 / peak:3.0f}%)")
   print(" | ".join(line), flush=True)

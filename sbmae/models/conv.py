@@ -4,10 +4,14 @@
 both implementations read the same checkpoints:
 
 * "lax": lax.conv_general_dilated. On GPU/TPU always; on CPU (jax 0.10,
-  XLA:CPU with YNNPACK) also for outputs of more than 4 positions, where it
-  is the faster of the two, forward + backward at batch 256 (3x3, 64 ch at
-  16x16: 88 ms vs 220 ms by GEMM; 5x5 64 -> 3 at 32x32: 229 ms vs 3.2 s;
-  its weight gradient, 192 ms, also beats 9 per-tap GEMMs, 306 ms).
+  XLA:CPU with YNNPACK) also for outputs of more than 4 positions, where
+  whole train steps are faster with it. Timed alone (output + gradients,
+  batch 256) the GEMM wins some of these convolutions (3x3 64 -> 256 at
+  16x16: 340 ms vs 578 ms; 3x3 64 ch at 16x16: 157 vs 212 ms) and loses
+  others (5x5 64 -> 3 at 32x32: 1.77 s vs 288 ms), yet sending the
+  widening ones (more output than input channels) through it makes the
+  steps slower: autoencoder 64-128-256 at batch 256 3.32 s vs 2.81-2.91 s,
+  the cpu config's five 16-32-64 at batch 64 0.41 s vs 0.32-0.33 s.
 * "gemm": im2col + ONE matrix product, used on CPU for outputs of at most 4
   positions (2x2 and less). At 2x2 and 1x1 XLA:CPU's convolution is 10-40x
   slower than the same FLOPs as a GEMM (3x3, 256 -> 1024 at 2x2: 2.56 s vs
