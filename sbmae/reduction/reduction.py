@@ -14,8 +14,9 @@ the diagonal blocks H_mm = E[s_m s_m^T] of the diagnostic matrix are
 accumulated, on the held-out samples; their eigenvectors give each modality's
 basis U_m, and each eigenvector's u^T H_mm u is re-estimated with a control
 variate, (u.x)^2 of known mean, that removes the heavy tails of a
-Student-t-like direction (whose score ratio grows like x). Each eigenvector then takes a cross-fitted test (Stein's identity on
-held-out samples, `score_ratio.direction_z_scores`): a direction where the
+Student-t-like direction (whose score ratio grows like x). Each eigenvector
+then takes a cross-fitted test (Stein's identity on held-out samples,
+`score_ratio.direction_z_scores`): a direction where the
 learned s is not correlated with the true score ratio is estimation noise (the
 noise floor) and is never kept. Among the rest, ranks are chosen so that the
 estimated bound 1/2 * (discarded eigenvalue mass) <= epsilon; it bounds

@@ -352,13 +352,18 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
 
   w, knots, theta, gain = fit_and_refine(w)
   for r in range(deflation_rounds):
-    kept = int(jnp.sum(jnp.any(theta != 0, axis=1)))
+    kept = int(jnp.sum(_has_spline(theta)))
     w_new, knots_new, theta_new, gain_new = fit_and_refine(
         _deflate(x_ica, w, theta, edges, jax.random.fold_in(rng, len(dims) + r)))
-    if int(jnp.sum(jnp.any(theta_new != 0, axis=1))) <= kept:
+    if int(jnp.sum(_has_spline(theta_new))) <= kept:
       break
     w, knots, theta, gain = w_new, knots_new, theta_new, gain_new
   return dict(W=w, knots=knots, theta=theta), gain
+
+
+def _has_spline(theta):
+  """[K] bool: which directions `_spline_fit` kept a spline for (theta rows not 0)."""
+  return jnp.any(theta != 0, axis=1)
 
 
 def _deflate(x, w, theta, edges, rng):
@@ -368,7 +373,7 @@ def _deflate(x, w, theta, edges, rng):
   of those with one, so the block stays orthonormal.
   """
   w = np.array(w)
-  kept = np.asarray(jnp.any(theta != 0, axis=1))
+  kept = np.asarray(_has_spline(theta))
   for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
     free = np.flatnonzero(~kept[a:b]) + a
     if len(free) < 2:
@@ -426,7 +431,7 @@ def _refine_basis(x, w, knots, theta, edges, steps=20):
       x_b, w_b = x[:, a:b], w[a:b, a:b]
       g, dg = marginal_splines({"knots": knots[a:b], "theta": theta[a:b]}, x_b @ w_b)
       new = w_b * jnp.mean(dg, 0) - x_b.T @ g / x.shape[0]
-      kept = jnp.any(theta[a:b] != 0, axis=1)
+      kept = _has_spline(theta[a:b])
       new = jnp.where(kept, new / jnp.maximum(jnp.linalg.norm(new, axis=0), 1e-12), w_b)
       blocks.append(polar_factor(new))
     return jax.scipy.linalg.block_diag(*blocks), None
