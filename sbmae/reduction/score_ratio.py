@@ -644,6 +644,14 @@ def structured_subspace(base, x_train, x_held_out, dims, *, num, significance,
   return u
 
 
+def _block_mask(u, dims):
+  """[D, k] 0/1: 1 on the rows of the block that holds each column of u."""
+  edges = np.cumsum((0,) + tuple(dims))
+  block = np.searchsorted(edges, np.argmax(np.abs(np.asarray(u)), axis=0), side="right") - 1
+  rows = np.arange(edges[-1])[:, None]
+  return jnp.asarray((rows >= edges[block]) & (rows < edges[block + 1]), u.dtype)
+
+
 def dependent_directions(x_train, x_held_out, u, dims, *, significance, num_knots=8):
   """Directions of each block, orthogonal to u, that depend on u^T x: [D, j].
 
@@ -709,8 +717,10 @@ def get_model(dim: int, config) -> ScoreRatioModel:
   mode, probes = config.divergence, config.num_probes
   kind = config.parametrisation
   if kind == "subspace":
-    # U = params["subspace"] [D, k] is fixed (`structured_subspace`); h is an
-    # MLP on R^k whose last layer starts at zero.
+    # U = params["subspace"] [D, k] starts at `structured_subspace`'s
+    # orthonormal directions; h is an MLP on R^k whose last layer starts at
+    # zero. With subspace_learning_rate > 0 each column of U moves inside its
+    # own block (params["subspace_mask"], fixed), else U is fixed.
     net = lambda k: MLP(k, config.width, config.depth)
 
     # An empty U (no structure found) leaves the closed-form parts alone.
@@ -719,20 +729,26 @@ def get_model(dim: int, config) -> ScoreRatioModel:
       k = base["subspace"].shape[1]
       return dict(base, net=net(k).init(rng, jnp.zeros((k,)))["params"] if k else {})
 
+    def directions(params):
+      u = params["subspace"] * params["subspace_mask"]
+      return u if config.subspace_learning_rate else jax.lax.stop_gradient(u)
+
     def residual(params, x):
-      u = jax.lax.stop_gradient(params["subspace"])
+      u = directions(params)
       if not u.shape[1]:
         return jnp.zeros_like(x)
       return net(u.shape[1]).apply({"params": params["net"]}, x @ u) @ u.T
 
     def residual_divergence(params, x, rng):
-      # div U h(U^T x) = tr(J_h) (U^T U = I): exact, k <= bottleneck jvps.
+      # div U h(U^T x) = tr(J_h U^T U) (tr J_h while U stays orthonormal):
+      # exact, k <= bottleneck jvps.
       del rng
-      u = jax.lax.stop_gradient(params["subspace"])
+      u = directions(params)
       if not u.shape[1]:
         return jnp.zeros(x.shape[:1], x.dtype)
       h = lambda v: net(u.shape[1]).apply({"params": params["net"]}, v)
-      return jax.vmap(lambda v: _weighted_trace(h, v, None, None, "exact", 0))(x @ u)
+      gram = u.T @ u
+      return jax.vmap(lambda v: _weighted_trace(h, v, None, gram, "exact", 0))(x @ u)
 
     def penalty(params):
       del params
@@ -981,9 +997,11 @@ def _train_residual(base, x_train, x_held_out, *, keys, config, dims):
   k_init, k_train, k_eval, k_ica = keys
   base, info, num_steps = dict(base), {}, config.max_steps
   if config.parametrisation == "subspace":
-    base["subspace"] = structured_subspace(
-        base, x_train, x_held_out, dims, num=config.bottleneck,
-        significance=config.significance, batch_size=config.batch_size)
+    if "subspace" not in base:  # else given (tests)
+      base["subspace"] = structured_subspace(
+          base, x_train, x_held_out, dims, num=config.bottleneck,
+          significance=config.significance, batch_size=config.batch_size)
+    base["subspace_mask"] = _block_mask(base["subspace"], dims)
     logging.info("reduction: residual on %d structured directions",
                  base["subspace"].shape[1])
     if base["subspace"].shape[1] == 0:
@@ -1007,12 +1025,17 @@ def _train_residual(base, x_train, x_held_out, *, keys, config, dims):
                                          alpha=0.01)
   # Weight decay on the nonlinear kernels only (A, W have their penalty); the
   # closed-form linear part stays fixed.
+  frozen = ("linear", "marginal", "subspace_mask") + (
+      () if config.subspace_learning_rate else ("subspace",))
   labels = lambda p: flax.traverse_util.path_aware_map(
-      lambda path, _: ("frozen" if path[0] in ("linear", "marginal", "subspace") else
+      lambda path, _: ("frozen" if path[0] in frozen else
+                       "directions" if path[0] == "subspace" else
                        "decay" if path[-1].startswith("kernel") else "plain"),
       p)
   tx = optax.multi_transform(
       {"frozen": optax.set_to_zero(),
+       "directions": optax.adam(optax.cosine_decay_schedule(
+           config.subspace_learning_rate, max(1, config.max_steps), alpha=0.01)),
        "decay": optax.adamw(schedule, weight_decay=config.weight_decay),
        "plain": optax.adam(schedule)}, labels)
   state = training.TrainState.create(model.init(k_init, base, w0), tx)
