@@ -74,11 +74,12 @@ class ReductionConfig:
       "ridge": r(x) = A g(W^T x), A, W in R^{D x k}, g acting on
       each of its k coordinates separately (a sum of k ridge functions; exact
       divergence in one jvp). "lowrank": the same with g an MLP on R^k.
-      "subspace": r(x) = U h(U^T x), U [D, k] fixed,
-      the directions where B_0 x + m(x) already shows structure
-      (`score_ratio.structured_subspace`), h an MLP on R^k: the form of the
-      true score ratio when the structure lives in span(U), and no free
-      direction can single out training samples (k is capped at
+      "subspace": r(x) = U h(U^T x), U [D, k] started at the directions
+      where B_0 x + m(x) already shows structure
+      (`score_ratio.structured_subspace`) and trained inside their blocks
+      (subspace_learning_rate), h an MLP on R^k: the form of the true score
+      ratio when the structure lives in span(U), with far fewer directions
+      to single out training samples than "ridge" (k is capped at
       `bottleneck`, which is why it loses on real latents).
       "linear_mlp": r = MLP on R^D. "mlp": s(x) = MLP(x) alone.
     bottleneck: k of "ridge" (may exceed D: more ridge functions start from
