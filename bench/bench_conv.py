@@ -24,6 +24,8 @@ flags.DEFINE_list("impls", ["lax", "gemm", "patches"], "Implementations to time.
 flags.DEFINE_list("shapes", ["ae", "tiny", "clf", "unet"], "Shape groups to time.")
 flags.DEFINE_integer("iters", 3, "Timed calls.")
 flags.DEFINE_integer("batch", 256, "Batch size.")
+flags.DEFINE_bool("compiler_options", True, "Compile with conv.compiler_options(), as the "
+                  "models' jitted functions are (off: XLA's defaults).")
 
 # name -> list of (label, kernel, stride, input size, in, out).
 SHAPES = {
@@ -95,7 +97,9 @@ def bench_shape(label, k, s, size, cin, cout, peak):
     # The output is returned with the gradients: the gradient of a linear map
     # needs no forward, and XLA drops an unused one (grad alone times the backward).
     step = jax.jit(lambda x, w, fn=fn: _value_and_vjp(
-        lambda x, w: fn(x, w, (s, s), pads), (x, w), g))
+        lambda x, w: fn(x, w, (s, s), pads), (x, w), g),
+                   compiler_options=(conv.compiler_options() or None) if FLAGS.compiler_options
+                   else None)
     seconds = common.median_seconds(lambda: step(x, kernel), FLAGS.iters)
     line.append(f"{name} {1e3 * seconds:7.1f} ms ({100 * num_flops / seconds / 1e9 / peak:3.0f}%)")
   print(" | ".join(line), flush=True)
@@ -103,7 +107,8 @@ def bench_shape(label, k, s, size, cin, cout, peak):
 
 def main(_):
   peak = common.measured_peak_gflops()
-  print(f"measured matmul peak {peak:.0f} GFLOP/s; fwd+bwd per conv, batch {FLAGS.batch}")
+  print(f"measured matmul peak {peak:.0f} GFLOP/s; fwd+bwd per conv, batch {FLAGS.batch}; "
+        f"compiler options {conv.compiler_options() if FLAGS.compiler_options else {}}")
   for group in FLAGS.shapes:
     for shape in SHAPES[group]:
       bench_shape(*shape, peak)

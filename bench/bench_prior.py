@@ -30,6 +30,7 @@ import common
 from sbmae.diffusion import losses
 from sbmae.diffusion import sample as sample_lib
 from sbmae.diffusion import sde as sde_lib
+from sbmae.models import conv
 from sbmae.models import score as score_lib
 
 FLAGS = flags.FLAGS
@@ -75,7 +76,9 @@ def bench_model(name, peak):
 
   batch = jax.random.normal(jax.random.PRNGKey(2), (b, d))
   state = (params, tx.init(params))
-  step_fn = jax.jit(train_step, donate_argnums=0)
+  # As the prior stage compiles them (sbmae.stages.prior.compiler_options).
+  options = conv.compiler_options() if name == "unet" else {}
+  step_fn = jax.jit(train_step, donate_argnums=0, compiler_options=options or None)
   compiled = step_fn.lower(state, batch, 0).compile()
   train_flops = common.flops(compiled)
   counter = [0]
@@ -100,7 +103,7 @@ def bench_model(name, peak):
   sampler = sample_lib.get_sampler(sde, score_fn, DIMS, num_steps=FLAGS.num_steps,
                                    corrector_steps=FLAGS.corrector_steps,
                                    clean_conditioning=bool(w or v), guidance=w,
-                                   joint_guidance=v)
+                                   joint_guidance=v, compiler_options=options)
   observed = jnp.zeros((b, d))
   mask = np.array([True, False, True, False, False])  # 2 of 5 observed.
   keys = iter(range(10 ** 6))

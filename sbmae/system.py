@@ -39,7 +39,7 @@ class MultimodalModel:
   """
 
   def __init__(self, modalities, ae_models, ae_params, stats, reduction, sde, score_fn,
-               prior_params, sampling_config):
+               prior_params, sampling_config, compiler_options=None):
     self.modalities = tuple(modalities)
     self.names = tuple(m.name for m in modalities)
     self.ae_params, self.prior_params = ae_params, prior_params
@@ -56,7 +56,8 @@ class MultimodalModel:
         eps=sampling_config.eps, clean_conditioning=sampling_config.clean_conditioning,
         guidance=sampling_config.guidance,
         # Runs saved before joint guidance existed sampled without it.
-        joint_guidance=sampling_config.get("joint_guidance", 0.0))
+        joint_guidance=sampling_config.get("joint_guidance", 0.0),
+        compiler_options=compiler_options)
 
   @functools.partial(jax.jit, static_argnums=0)
   def latents_to_flat(self, latents):
@@ -170,7 +171,7 @@ def build(config, run):
           else [int(stats.mean[n].shape[0]) for n in names])
   sde, _, score_fn, params = prior.restore(config, run, dims)
   return MultimodalModel(mods, models, ae_params, stats, red, sde, score_fn, params,
-                         config.sampling)
+                         config.sampling, prior.compiler_options(config))
 
 
 def load(workdir, config=None):

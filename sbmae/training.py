@@ -57,16 +57,18 @@ class TrainState:
                         ema_params=ema)
 
 
-def make_train_step(loss_fn, tx, ema_decay=None):
+def make_train_step(loss_fn, tx, ema_decay=None, compiler_options=None):
   """Jitted, state-donating (state, batch, rng) -> (state, metrics).
 
   Args:
     loss_fn: (params, rng, batch) -> (loss, metrics).
     tx: the optax optimiser.
     ema_decay: EMA decay when the state keeps an EMA of the parameters.
+    compiler_options: XLA options of this step's compilation (conv nets pass
+      `sbmae.models.conv.compiler_options()`), or None.
   """
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options or None)
   def train_step(state, batch, rng):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch)
     return state.apply_gradients(grads, tx, ema_decay), metrics

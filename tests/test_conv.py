@@ -117,3 +117,34 @@ def test_depth_to_space_places_phases():
   # Output pixel (2i + a, 2j + b) is input pixel (i, j), channel 2a + b.
   for i, j, a, b in np.ndindex(2, 2, 2, 2):
     assert y[0, 2 * i + a, 2 * j + b, 0] == x[0, i, j, 2 * a + b]
+
+
+def test_compiler_options_keep_a_conv_net_step_s_values():
+  # The conv nets compile with conv.compiler_options() (YNNPACK dots on CPU):
+  # the loss and every gradient of a small autoencoder-like net must equal
+  # XLA's default compilation within fp32 tolerance, and the option must
+  # really be in effect on CPU (a dot handed to the library).
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.silu(conv.Conv(8, (3, 3), strides=(2, 2))(x))  # 8x8
+      h = nn.silu(conv.Conv(16, (4, 4), strides=(2, 2))(h))  # 4x4
+      h = nn.silu(conv.Conv(16, (3, 3), strides=(2, 2))(h))  # 2x2: the GEMM path
+      z = nn.Dense(6)(h.reshape(h.shape[0], -1))
+      h = nn.Dense(4 * 4 * 8)(z).reshape(-1, 4, 4, 8)
+      h = conv.Conv(8, (3, 3))(conv.upsample_nearest(h))  # 8x8
+      return conv.Conv(3, (5, 5))(h)
+
+  x = jax.random.uniform(jax.random.key(0), (32, 16, 16, 3))
+  net = Net()
+  params = net.init(jax.random.key(1), x)
+  loss = lambda p: jnp.mean((jax.nn.sigmoid(net.apply(p, x))[:, :8, :8] - x[:, ::2, ::2]) ** 2)
+  grad = jax.value_and_grad(loss)
+  plain = jax.jit(grad)(params)
+  fast = conv.jit(grad)
+  ours = fast(params)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(plain[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+  hlo = fast.lower(params).compile().as_text()
+  assert ("ynn" in hlo) == (jax.default_backend() == "cpu")

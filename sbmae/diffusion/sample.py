@@ -145,7 +145,7 @@ def get_guided_score_fn(score_fn, guidance: float, joint_guidance: float = 0.0,
 def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
                 corrector_steps: int = 1, snr: float = 0.16, eps: float = 1e-3,
                 clean_conditioning: bool = False, guidance: float = 0.0,
-                joint_guidance: float = 0.0):
+                joint_guidance: float = 0.0, compiler_options=None):
   """Builds the any-subset predictor-corrector sampler.
 
   Args:
@@ -175,6 +175,8 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     joint_guidance: joint guidance weight v (static; 0: none, no extra
       network evaluations). Needs a model trained with absent modalities
       (each modality's marginal).
+    compiler_options: XLA options of the sampler's compilation, or None
+      (e.g. `sbmae.stages.prior.compiler_options` for a U-Net).
 
   Returns:
     A jitted sample(rng, params, observed, observed_mask, min_observed=0) ->
@@ -250,4 +252,5 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     broken = jnp.any(jnp.sum(observed_mask, axis=-1) < min_observed)
     return jnp.where(broken, jnp.nan, jnp.where(obs, observed, denoised))
 
-  return jax.jit(sample, static_argnames="min_observed")
+  return jax.jit(sample, static_argnames="min_observed",
+                 compiler_options=compiler_options or None)

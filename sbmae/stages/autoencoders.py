@@ -34,6 +34,7 @@ from sbmae import training
 from sbmae.data import modalities as modalities_lib
 from sbmae.data import input_pipeline
 from sbmae.models import autoencoder
+from sbmae.models import conv
 
 STAGE = "autoencoders"
 # A VAE latent direction counts as used when its posterior KL exceeds this (nats).
@@ -97,7 +98,7 @@ def get_loss_fn(models, modalities, ae_config):
 
 def encode_fn(models):
   """Jitted (params, {name: x}) -> {name: latent mean [B, d]}."""
-  return jax.jit(functools.partial(modalities_lib.apply_each, {
+  return conv.jit(functools.partial(modalities_lib.apply_each, {
       n: (lambda p, x, m=m: m.apply(p, x, method="encode")[0]) for n, m in models.items()}))
 
 
@@ -107,14 +108,14 @@ def decode_fn(models):
   The mean is sigmoid(logits) for both likelihoods: pixel intensities for
   "mse" modalities, probabilities for "bernoulli" ones.
   """
-  return jax.jit(functools.partial(modalities_lib.apply_each, {
+  return conv.jit(functools.partial(modalities_lib.apply_each, {
       n: (lambda p, z, m=m: jax.nn.sigmoid(m.apply(p, z, method="decode")))
       for n, m in models.items()}))
 
 
 def posterior_fn(models):
   """Jitted (params, {name: x}) -> {name: (mean [B, d], log-variance [B, d])} of a VAE."""
-  return jax.jit(functools.partial(modalities_lib.apply_each, {
+  return conv.jit(functools.partial(modalities_lib.apply_each, {
       n: (lambda p, x, m=m: m.apply(p, x, method="encode")) for n, m in models.items()}))
 
 
@@ -208,7 +209,8 @@ def train(config, run, data, modalities, writer):
   ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
                         seed=stages.stage_seed(config, STAGE))
   state = training.run(
-      STAGE, state, training.make_train_step(get_loss_fn(models, modalities, c), tx),
+      STAGE, state, training.make_train_step(get_loss_fn(models, modalities, c), tx,
+                                      compiler_options=conv.compiler_options()),
       ds.__getitem__,
       num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
       manager=training.checkpoint_manager(run.checkpoints(STAGE)), writer=writer,

@@ -24,6 +24,7 @@ from sbmae import training
 from sbmae.data import modalities
 from sbmae.data import input_pipeline
 from sbmae.models import classifier as classifier_model
+from sbmae.models import conv
 
 STAGE = "classifier"
 
@@ -73,13 +74,13 @@ def get_loss_fn(model):
 
 def logits_fn(model):
   """Jitted (params, {name: images [B, 28, 28, 3]}) -> {name: logits [B, 10]}."""
-  return jax.jit(functools.partial(modalities.apply_each, model.apply))
+  return conv.jit(functools.partial(modalities.apply_each, model.apply))
 
 
 def features_fn(model):
   """Jitted (params, {name: images}) -> {name: penultimate features [B, F]}."""
   features = functools.partial(model.apply, features=True)
-  return jax.jit(functools.partial(modalities.apply_each, features))
+  return conv.jit(functools.partial(modalities.apply_each, features))
 
 
 def accuracy(model, params, arrays, names, batch_size=1000):
@@ -175,7 +176,8 @@ def train(config, run, data, writer):
   ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
                               seed=stages.stage_seed(config, STAGE))
   state = training.run(
-      STAGE, state, training.make_train_step(get_loss_fn(model), tx), ds.__getitem__,
+      STAGE, state, training.make_train_step(get_loss_fn(model), tx,
+                                      compiler_options=conv.compiler_options()), ds.__getitem__,
       num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
       manager=training.checkpoint_manager(run.checkpoints(STAGE)),
       writer=writer, log_every=config.log_every, checkpoint_every=config.checkpoint_every)
