@@ -98,8 +98,7 @@ def bench_shape(label, k, s, size, cin, cout, peak):
     # needs no forward, and XLA drops an unused one (grad alone times the backward).
     step = jax.jit(lambda x, w, fn=fn: _value_and_vjp(
         lambda x, w: fn(x, w, (s, s), pads), (x, w), g),
-                   compiler_options=(conv.compiler_options() or None) if FLAGS.compiler_options
-                   else None)
+                   compiler_options=conv.compiler_options() if FLAGS.compiler_options else None)
     seconds = common.median_seconds(lambda: step(x, kernel), FLAGS.iters)
     line.append(f"{name} {1e3 * seconds:7.1f} ms ({100 * num_flops / seconds / 1e9 / peak:3.0f}%)")
   print(" | ".join(line), flush=True)
@@ -108,7 +107,7 @@ def bench_shape(label, k, s, size, cin, cout, peak):
 def main(_):
   peak = common.measured_peak_gflops()
   print(f"measured matmul peak {peak:.0f} GFLOP/s; fwd+bwd per conv, batch {FLAGS.batch}; "
-        f"compiler options {conv.compiler_options() if FLAGS.compiler_options else {}}")
+        f"compiler options {conv.compiler_options() if FLAGS.compiler_options else None}")
   for group in FLAGS.shapes:
     for shape in SHAPES[group]:
       bench_shape(*shape, peak)

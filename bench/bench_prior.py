@@ -77,8 +77,8 @@ def bench_model(name, peak):
   batch = jax.random.normal(jax.random.PRNGKey(2), (b, d))
   state = (params, tx.init(params))
   # As the prior stage compiles them (sbmae.stages.prior.compiler_options).
-  options = conv.compiler_options() if name == "unet" else {}
-  step_fn = jax.jit(train_step, donate_argnums=0, compiler_options=options or None)
+  options = conv.compiler_options() if name == "unet" else None
+  step_fn = jax.jit(train_step, donate_argnums=0, compiler_options=options)
   compiled = step_fn.lower(state, batch, 0).compile()
   train_flops = common.flops(compiled)
   counter = [0]

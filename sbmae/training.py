@@ -68,7 +68,7 @@ def make_train_step(loss_fn, tx, ema_decay=None, compiler_options=None):
       `sbmae.models.conv.compiler_options()`), or None.
   """
 
-  @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options or None)
+  @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options)
   def train_step(state, batch, rng):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, rng, batch)
     return state.apply_gradients(grads, tx, ema_decay), metrics

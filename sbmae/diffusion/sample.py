@@ -253,4 +253,4 @@ def get_sampler(sde, score_fn, dims: Sequence[int], *, num_steps: int = 100,
     return jnp.where(broken, jnp.nan, jnp.where(obs, observed, denoised))
 
   return jax.jit(sample, static_argnames="min_observed",
-                 compiler_options=compiler_options or None)
+                 compiler_options=compiler_options)

@@ -102,15 +102,15 @@ def conv_gemm(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0))):
 
 
 def compiler_options():
-  """XLA options for the conv nets' jitted functions: {} off CPU (module docstring)."""
+  """XLA options for the conv nets' jitted functions: None off CPU (module docstring)."""
   if jax.default_backend() != "cpu":
-    return {}
+    return None
   return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 def jit(fn, **kwargs):
   """jax.jit(fn, **kwargs) with `compiler_options()`: for functions of conv nets."""
-  return jax.jit(fn, compiler_options=compiler_options() or None, **kwargs)
+  return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
 
 
 def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):

@@ -997,7 +997,7 @@ def _train_residual(base, x_train, x_held_out, *, keys, config, dims):
   k_init, k_train, k_eval, k_ica = keys
   base, info, num_steps = dict(base), {}, config.max_steps
   if config.parametrisation == "subspace":
-    if "subspace" not in base:  # else given (tests)
+    if "subspace" not in base:  # a caller's starting U is kept
       base["subspace"] = structured_subspace(
           base, x_train, x_held_out, dims, num=config.bottleneck,
           significance=config.significance, batch_size=config.batch_size)

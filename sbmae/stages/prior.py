@@ -45,7 +45,7 @@ def compiler_options(config):
   sampler 55.1 s -> 42.5 s) and the MLP's sampler slower (4.12 s -> 5.38 s),
   `bench/bench_prior.py`, 2026-12-01.
   """
-  return conv.compiler_options() if config.prior.model == "unet" else {}
+  return conv.compiler_options() if config.prior.model == "unet" else None
 
 
 def init_params(model, rng, dim):
@@ -74,7 +74,7 @@ def get_heldout_eval_fn(sde, model, dims, config, datasets, seed, compiler_optio
                                                gaussian_base=config.gaussian_base)
   datasets = {k: jnp.asarray(v, jnp.float32) for k, v in datasets.items()}
 
-  @functools.partial(jax.jit, compiler_options=compiler_options or None)
+  @functools.partial(jax.jit, compiler_options=compiler_options)
   def per_k(params, data):
     def loss_k(k):  # lax.map: the network is compiled once, not M times.
       set_key, loss_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), k))
