@@ -38,6 +38,8 @@ flags.DEFINE_list("models", ["mlp", "unet"], "Priors to time: mlp and/or unet.")
 flags.DEFINE_integer("batch_size", 256, "Train batch and number of samples.")
 flags.DEFINE_integer("train_iters", 10, "Timed train steps (after warm-up).")
 flags.DEFINE_integer("sample_iters", 3, "Timed sampler calls (after warm-up).")
+flags.DEFINE_enum("update", "adam", ["adam", "sgd", "none"], "Parameter update of the "
+                  "timed train step; none: it returns the gradients (loss and gradient alone).")
 flags.DEFINE_integer("num_steps", 100, "Predictor steps of the sampler.")
 flags.DEFINE_integer("corrector_steps", 1, "Corrector steps per predictor step.")
 flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w of the sampler.")
@@ -64,18 +66,20 @@ def bench_model(name, peak):
   print(f"== {name}: {num_params / 1e6:.2f} M parameters, D = {d}", flush=True)
 
   loss_fn = losses.get_dsm_loss_fn(sde, model, DIMS)
-  tx = optax.adam(1e-4)
+  tx = {"adam": optax.adam(1e-4), "sgd": optax.sgd(1e-4), "none": None}[FLAGS.update]
   base_key = jax.random.PRNGKey(1)
 
   def train_step(state, batch, step):
     params, opt_state = state
     grads, metrics = jax.grad(loss_fn, has_aux=True)(
         params, jax.random.fold_in(base_key, step), batch)
+    if tx is None:  # the gradients are an output, so XLA cannot drop the backward
+      return state, (metrics, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), metrics
 
   batch = jax.random.normal(jax.random.PRNGKey(2), (b, d))
-  state = (params, tx.init(params))
+  state = (params, tx.init(params) if tx else ())
   # As the prior stage compiles them (sbmae.stages.prior.compiler_options).
   options = conv.compiler_options() if name == "unet" else None
   step_fn = jax.jit(train_step, donate_argnums=0, compiler_options=options)
@@ -91,8 +95,8 @@ def bench_model(name, peak):
   for _ in range(2):
     run_train()
   seconds = common.median_seconds(run_train, FLAGS.train_iters)
-  common.report(f"{name} train step, batch {b}", seconds, b, "examples", train_flops,
-                peak)
+  common.report(f"{name} train step ({FLAGS.update} update), batch {b}", seconds, b,
+                "examples", train_flops, peak)
 
   params = state[0]
   score_fn = losses.get_score_fn(sde, model)

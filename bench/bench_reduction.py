@@ -39,6 +39,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Data and fit seeds.")
 _N = flags.DEFINE_integer("num_samples", 20000, "Latent samples N.")
 _DIM = flags.DEFINE_integer("dim", 64, "Latent size per block.")
 _EPS = flags.DEFINE_float("epsilon", 0.1, "Target estimated KL bound.")
+_FIT_KEYS = flags.DEFINE_list(
+    "fit_keys", [], "Keys of the fit (its train / held-out split and ICA starts), each "
+    "fitted to every seed's latents; empty: the seed itself.")
 _CONFIG = flags.DEFINE_list("config", [], "ReductionConfig overrides key=value.")
 _JSON = flags.DEFINE_string("json", "", "If set, write the rows here.")
 _PLOTS = flags.DEFINE_string("plot_dir", "", "If set, write the plots here.")
@@ -96,8 +99,8 @@ def whitened_law_eigenvalues(raw, truth):
   return out
 
 
-def run_one(structure, seed, config):
-  """Fits one structure at one seed; returns a list of per-block rows."""
+def run_one(structure, seed, config, fit_key):
+  """Fits one structure's latents of `seed` with key `fit_key`; returns per-block rows."""
   raw, truth, shared = testing.synthetic_latents(structure, _N.value, seed,
                                                  _DIM.value)
   lam_true = true_eigenvalues(raw, truth, shared)
@@ -106,13 +109,13 @@ def run_one(structure, seed, config):
   x = {n: np.asarray(v) for n, v in white.whiten(raw).items()}
   load = os.getloadavg()[0]
   start = time.perf_counter()
-  red = reduction.fit(x, epsilon=_EPS.value, rng=jax.random.key(seed),
+  red = reduction.fit(x, epsilon=_EPS.value, rng=jax.random.key(fit_key),
                       config=config)
   seconds = time.perf_counter() - start
   st = red.stats
   tried = {k: v for k, v in st.items() if k.endswith("_held_out_objective")
            and k.split("_")[0] in ("ridge", "subspace")}
-  print(f"\n{structure} seed {seed}: fit {seconds:.1f} s (load {load:.1f} "
+  print(f"\n{structure} seed {seed} (fit key {fit_key}): fit {seconds:.1f} s (load {load:.1f} "
         f"before), {st.get('train_steps', 0)} steps; residual "
         f"{st.get('parametrisation')} {tried or ''}, held-out F "
         f"{st.get('held_out_objective', np.nan):.3f}, estimated KL bound "
@@ -165,7 +168,8 @@ def main(argv):
   rows = []
   for structure in _STRUCT.value:
     for seed in _SEEDS.value:
-      rows += run_one(structure, int(seed), config)
+      for key in _FIT_KEYS.value or [seed]:
+        rows += run_one(structure, int(seed), config, int(key))
   # A block without structure may keep config.min_rank directions, as long as
   # none of them is above the noise floor.
   ok_rank = sum(r["rank"] == r["true_rank"] or
