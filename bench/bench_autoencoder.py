@@ -22,7 +22,6 @@ import common
 from sbmae.stages import autoencoders
 from sbmae.data import modalities
 from sbmae import training
-from sbmae.models import conv
 
 flags.DEFINE_integer("iters", 5, "Timed steps.")
 flags.DEFINE_list("cases", ["1x256", "1x32", "5x256"], "modalities x batch size.")
@@ -39,8 +38,7 @@ def bench(num_modalities, batch_size, peak):
   tx = training.make_optimizer(1e-3, 1000)
   state = training.TrainState.create(
       autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), tx)
-  step = training.make_train_step(autoencoders.get_loss_fn(models, mods, config), tx,
-                                  compiler_options=conv.compiler_options())
+  step = autoencoders.make_train_step(models, mods, config, tx)
 
   batch = {m.name: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, m in enumerate(mods)}

@@ -17,7 +17,6 @@ import common
 from sbmae.stages import classifier
 from sbmae import training
 from sbmae.models import classifier as classifier_model
-from sbmae.models import conv
 
 flags.DEFINE_list("batch_sizes", ["128", "256"], "Batch sizes to time.")
 flags.DEFINE_integer("num_modalities", 5, "Classifiers trained in one step.")
@@ -33,8 +32,7 @@ def bench(batch_size, peak):
   tx = training.make_optimizer(2e-3, 1000, warmup_steps=100)
   state = training.TrainState.create(
       classifier.init_params(model, jax.random.PRNGKey(0), names), tx)
-  step = training.make_train_step(classifier.get_loss_fn(model), tx,
-                                  compiler_options=conv.compiler_options())
+  step = classifier.make_train_step(model, tx)
   batch = {n: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, n in enumerate(names)}
   batch["label"] = jnp.arange(batch_size) % 10

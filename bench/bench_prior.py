@@ -30,8 +30,8 @@ import common
 from sbmae.diffusion import losses
 from sbmae.diffusion import sample as sample_lib
 from sbmae.diffusion import sde as sde_lib
-from sbmae.models import conv
 from sbmae.models import score as score_lib
+from sbmae.stages import prior
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "unet"], "Priors to time: mlp and/or unet.")
@@ -80,8 +80,7 @@ def bench_model(name, peak):
 
   batch = jax.random.normal(jax.random.PRNGKey(2), (b, d))
   state = (params, tx.init(params) if tx else ())
-  # As the prior stage compiles them (sbmae.stages.prior.compiler_options).
-  options = conv.compiler_options() if name == "unet" else None
+  options = prior.compiler_options(name)  # as the prior stage compiles them
   step_fn = jax.jit(train_step, donate_argnums=0, compiler_options=options)
   compiled = step_fn.lower(state, batch, 0).compile()
   train_flops = common.flops(compiled)

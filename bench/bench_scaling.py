@@ -28,7 +28,6 @@ from sbmae.data import modalities
 from sbmae.stages import prior
 from sbmae.diffusion import sde as sde_lib
 from sbmae import training
-from sbmae.models import conv
 from sbmae.models import score
 
 flags.DEFINE_integer("per_device_batch", 64, "Batch per device.")
@@ -56,8 +55,7 @@ def _autoencoder_step():
   mods = modalities.polymnist(5)
   models = autoencoders.build_models(config, mods)
   tx = training.make_optimizer(1e-3, 100)
-  step = training.make_train_step(autoencoders.get_loss_fn(models, mods, config), tx,
-                                  compiler_options=conv.compiler_options())
+  step = autoencoders.make_train_step(models, mods, config, tx)
   state = training.TrainState.create(
       autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), tx)
   make_batch = lambda b: {m.name: np.random.default_rng(k).uniform(size=(b, 28, 28, 3)).astype(

@@ -171,7 +171,7 @@ def build(config, run):
           else [int(stats.mean[n].shape[0]) for n in names])
   sde, _, score_fn, params = prior.restore(config, run, dims)
   return MultimodalModel(mods, models, ae_params, stats, red, sde, score_fn, params,
-                         config.sampling, prior.compiler_options(config))
+                         config.sampling, prior.compiler_options(config.prior.model))
 
 
 def load(workdir, config=None):

@@ -96,6 +96,12 @@ def get_loss_fn(models, modalities, ae_config):
   return loss_fn
 
 
+def make_train_step(models, modalities, ae_config, tx):
+  """The stage's jitted train step (loss of `get_loss_fn`, conv compiler options)."""
+  return training.make_train_step(get_loss_fn(models, modalities, ae_config), tx,
+                                  compiler_options=conv.compiler_options())
+
+
 def encode_fn(models):
   """Jitted (params, {name: x}) -> {name: latent mean [B, d]}."""
   return conv.jit(functools.partial(modalities_lib.apply_each, {
@@ -209,9 +215,7 @@ def train(config, run, data, modalities, writer):
   ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
                         seed=stages.stage_seed(config, STAGE))
   state = training.run(
-      STAGE, state, training.make_train_step(get_loss_fn(models, modalities, c), tx,
-                                      compiler_options=conv.compiler_options()),
-      ds.__getitem__,
+      STAGE, state, make_train_step(models, modalities, c, tx), ds.__getitem__,
       num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
       manager=training.checkpoint_manager(run.checkpoints(STAGE)), writer=writer,
       log_every=config.log_every, checkpoint_every=config.checkpoint_every)

@@ -72,6 +72,12 @@ def get_loss_fn(model):
   return loss_fn
 
 
+def make_train_step(model, tx):
+  """The stage's jitted train step (loss of `get_loss_fn`, conv compiler options)."""
+  return training.make_train_step(get_loss_fn(model), tx,
+                                  compiler_options=conv.compiler_options())
+
+
 def logits_fn(model):
   """Jitted (params, {name: images [B, 28, 28, 3]}) -> {name: logits [B, 10]}."""
   return conv.jit(functools.partial(modalities.apply_each, model.apply))
@@ -176,8 +182,7 @@ def train(config, run, data, writer):
   ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
                               seed=stages.stage_seed(config, STAGE))
   state = training.run(
-      STAGE, state, training.make_train_step(get_loss_fn(model), tx,
-                                      compiler_options=conv.compiler_options()), ds.__getitem__,
+      STAGE, state, make_train_step(model, tx), ds.__getitem__,
       num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
       manager=training.checkpoint_manager(run.checkpoints(STAGE)),
       writer=writer, log_every=config.log_every, checkpoint_every=config.checkpoint_every)

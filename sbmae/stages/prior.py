@@ -37,15 +37,15 @@ def build(config, dims):
   return sde, model, losses.get_score_fn(sde, model, config.prior.gaussian_base)
 
 
-def compiler_options(config):
-  """XLA options of the prior's jitted functions: the conv nets' for "unet".
+def compiler_options(model_name):
+  """XLA options of the jitted functions of prior `model_name`: the conv nets' for "unet".
 
   `conv.compiler_options()` (YNNPACK dots on CPU) makes the U-Net's steps
   faster (width 64, D = 320, batch 256: train step 1.17 s -> 0.77 s, 100-step
   sampler 55.1 s -> 42.5 s) and the MLP's sampler slower (4.12 s -> 5.38 s),
   `bench/bench_prior.py`, 2026-12-01.
   """
-  return conv.compiler_options() if config.prior.model == "unet" else None
+  return conv.compiler_options() if model_name == "unet" else None
 
 
 def init_params(model, rng, dim):
@@ -120,6 +120,7 @@ def train(config, run, latents, names, writer, test_latents=None):
                                     absent_prob=c.absent_prob, eps=c.eps,
                                     gaussian_base=c.gaussian_base)
   loss_fn = lambda params, rng, batch: dsm_loss(params, rng, batch["z"])
+  options = compiler_options(c.model)
   eval_fn = None
   if test_latents is not None and c.eval_every > 0:
     held_out = np.asarray(latents_lib.flatten(test_latents, names),
@@ -127,11 +128,11 @@ def train(config, run, latents, names, writer, test_latents=None):
     losses_fn = get_heldout_eval_fn(sde, model, dims, c, {
         "heldout": held_out, "train": flat[:len(held_out)]},
                                     seed=stages.stage_seed(config, "prior_eval"),
-                                    compiler_options=compiler_options(config))
+                                    compiler_options=options)
     eval_fn = lambda state: losses_fn(state.ema_params)
   state = training.run(
-      STAGE, state, training.make_train_step(loss_fn, tx, c.ema_decay,
-                                                     compiler_options(config)), ds.__getitem__,
+      STAGE, state, training.make_train_step(loss_fn, tx, c.ema_decay, options),
+      ds.__getitem__,
       num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
       manager=training.checkpoint_manager(run.checkpoints(STAGE)), writer=writer,
       log_every=config.log_every, checkpoint_every=config.checkpoint_every,

@@ -35,7 +35,6 @@ from sbmae.data import input_pipeline
 from sbmae.eval import polymnist
 from sbmae.stages import autoencoders
 from sbmae.stages import classifier as classifier_lib
-from sbmae.models import conv
 
 
 def measure(config, workdir, names=None, num_examples=2000):
@@ -66,8 +65,7 @@ def measure(config, workdir, names=None, num_examples=2000):
   ds = input_pipeline.dataset({k: data["train"][k] for k in keep},
                               training.per_process_batch(c.batch_size),
                               seed=stages.stage_seed(config, autoencoders.STAGE))
-  step = training.make_train_step(autoencoders.get_loss_fn(models, mods, c), tx,
-                                 compiler_options=conv.compiler_options())
+  step = autoencoders.make_train_step(models, mods, c, tx)
   start = time.perf_counter()
   state = training.run("ae_ceiling", state, step, ds.__getitem__, num_steps=c.num_steps,
                        rng=stages.stage_rng(config, autoencoders.STAGE), manager=None,
