@@ -7,9 +7,12 @@ correlation), independent N(0, 1) elsewhere. For every structure and seed it
 fits the reduction and prints, per block: the recovered rank against the truth,
 the largest principal angle between the learned and the true structured
 subspace, each structured eigenvalue against its true value (closed form, or
-Monte Carlo of the exact score ratio for the shared mixture), and the noise
-floor (largest and summed eigenvalue of the directions known to be empty), plus
-the fit time and the machine's load. The last line summarises the acceptance
+Monte Carlo of the exact score ratio for the shared mixture) and against the
+exact H of the whitened law on the same samples (`testing.sample_eigenvalues`:
+what any estimator that sees these whitened latents targets; a heavy tail's
+sample variance moves it, e.g. `mixed` m1 at seed 0, Student-t_3 1.0 -> 1.98),
+and the noise floor (largest and summed eigenvalue of the directions known to
+be empty), plus the fit time and the machine's load. The last line summarises the acceptance
 criteria of issue #15 (ranks equal to the truth, eigenvalues within 25%, angles
 under 10 degrees).
 
@@ -80,32 +83,13 @@ def true_eigenvalues(latents, truth, shared):
   return out
 
 
-def whitened_law_eigenvalues(raw, truth):
-  """name -> {column: eigenvalue} of each private 1-d law after the sample whitening.
-
-  A unit-variance law with Fisher information J, divided by its sample std c,
-  has H eigenvalue J c^2 - 2 + 1/c^2 (J - 1 at c = 1). For a heavy tail c can
-  be far from 1 (one Student-t_3 draw at 102 sd: c^2 = 1.49, 1.65 for 1.0), and
-  an estimator that sees only whitened latents can only find this value.
-  """
-  out = {}
-  for name, (basis, lams, kinds) in truth.items():
-    cols = {}
-    for j, (lam, kind) in enumerate(zip(lams, kinds)):
-      if kind in ("student", "bimodal"):
-        c2 = float(np.var(np.asarray(raw[name], np.float64) @ basis[:, j]))
-        cols[j] = (lam + 1) * c2 - 2 + 1 / c2
-    out[name] = cols
-  return out
-
-
 def run_one(structure, seed, config, fit_key):
   """Fits one structure's latents of `seed` with key `fit_key`; returns per-block rows."""
   raw, truth, shared = testing.synthetic_latents(structure, _N.value, seed,
                                                  _DIM.value)
   lam_true = true_eigenvalues(raw, truth, shared)
-  lam_white = whitened_law_eigenvalues(raw, truth)
   white = latents_lib.Whitening.fit(raw)
+  lam_sample = testing.sample_eigenvalues(structure, raw, truth, shared, white)
   x = {n: np.asarray(v) for n, v in white.whiten(raw).items()}
   load = os.getloadavg()[0]
   start = time.perf_counter()
@@ -130,14 +114,16 @@ def run_one(structure, seed, config, fit_key):
                                     np.asarray(red.eigenvectors[name])[:, :r_true])
     lam = np.asarray(red.eigenvalues[name], np.float64)
     noise = lam[r_true:]
-    rel = (np.abs(lam[:r_true] / lam_true[name] - 1) if r_true else
-           np.zeros(0))
+    rel = np.abs(lam[:r_true] / lam_true[name] - 1)
+    rel_sample = np.abs(lam[:r_true] / lam_sample[name] - 1)
     row = dict(structure=structure, seed=seed, block=name,
                rank=red.ranks[name], true_rank=r_true, angle_deg=angle,
                above_floor=red.signal_dims[red.names.index(name)],
                eigenvalues=lam[:r_true].tolist(),
                true_eigenvalues=lam_true[name].tolist(),
+               sample_eigenvalues=lam_sample[name].tolist(),
                max_relative_error=float(rel.max()) if r_true else 0.0,
+               max_relative_error_sample=float(rel_sample.max()) if r_true else 0.0,
                noise_max=float(noise.max()), noise_sum=float(noise.sum()),
                fit_seconds=seconds, load=load,
                held_out_objective=st.get("held_out_objective", np.nan),
@@ -149,12 +135,9 @@ def run_one(structure, seed, config, fit_key):
           f"{angle:5.1f} deg, eigenvalues "
           f"{np.round(lam[:r_true], 2)} vs true "
           f"{np.round(lam_true[name], 2)} (worst {100 * row['max_relative_error']:.0f}%), "
+          f"on these samples {np.round(lam_sample[name], 2)} (worst "
+          f"{100 * row['max_relative_error_sample']:.0f}%), "
           f"noise floor max {row['noise_max']:.3f} sum {row['noise_sum']:.3f}")
-    shifted = {j: v for j, v in lam_white[name].items()
-               if abs(v / truth[name][1][j] - 1) > 0.05}
-    if shifted:
-      print("      after the sample whitening: " + ", ".join(
-          f"{truth[name][2][j]} {truth[name][1][j]:.2f} -> {v:.2f}" for j, v in shifted.items()))
   if _PLOTS.value:
     from sbmae.reduction import plots  # pylint: disable=g-import-not-at-top
     plots.save_all(red, os.path.join(_PLOTS.value, f"{structure}_{seed}"))
@@ -176,11 +159,13 @@ def main(argv):
                 (r["true_rank"] == 0 and r["above_floor"] == 0 and
                  r["rank"] <= config.min_rank) for r in rows)
   ok_lam = sum(r["max_relative_error"] <= 0.25 for r in rows)
+  ok_sample = sum(r["max_relative_error_sample"] <= 0.25 for r in rows)
   ok_angle = sum(r["angle_deg"] < 10 for r in rows)
   empty = sum(max(r["above_floor"] - r["true_rank"], 0) for r in rows)
   print(f"\nblocks: {len(rows)}; rank = truth (or min_rank if empty) {ok_rank}, eigenvalues within "
-        f"25% {ok_lam}, angle < 10 deg {ok_angle}; false-positive directions "
-        f"{empty} of {sum(_DIM.value - r['true_rank'] for r in rows)} empty ones")
+        f"25% {ok_lam} (of the population's; of these samples' {ok_sample}), angle < 10 deg "
+        f"{ok_angle}; false-positive directions {empty} of "
+        f"{sum(_DIM.value - r['true_rank'] for r in rows)} empty ones")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)

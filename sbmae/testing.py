@@ -3,7 +3,10 @@
 Closed forms the code is checked against: the diffused score of a Gaussian
 (also for any conditioning task), its conditionals, the diagnostic matrix H of
 a Gaussian, and the H eigenvalue of a symmetric two-component mixture; and the
-moment check of samples against a Gaussian.
+moment check of samples against a Gaussian. For the reduction: synthetic latents
+of known structure (`synthetic_latents`), the exact score of their law
+(`exact_scores`) and the exact H eigenvalues of the whitened law on a sample
+(`sample_eigenvalues`).
 """
 
 import jax
@@ -285,4 +288,98 @@ def shared_eigenvalues(latents, truth, shared, num=20000):
     mu, v = shared[n]
     s = -(ys[n] - post @ mu) / v + ys[n]
     out[n] = np.sort(np.linalg.eigvalsh(s.T @ s / len(s)))[::-1]
+  return out
+
+
+def _structure_parameters(structure, latents):
+  """name -> (kind, parameter) of each structured column, in `truth`'s column order."""
+  spec = STRUCTURES[structure] if isinstance(structure, str) else structure
+  out = {}
+  for m, parts in enumerate(spec):
+    cols = []
+    for kind, p in parts:
+      cols += [(kind, p)] * (2 if kind == "shared" else 1)
+    out[f"m{m}"] = cols
+  assert set(out) == set(latents), (sorted(out), sorted(latents))
+  return out
+
+
+def exact_scores(structure, latents, truth, shared):
+  """The exact score grad_z log pi(z) of the law `synthetic_latents` drew, at its samples.
+
+  Per structured coordinate y = basis^T z: "bimodal" (y - a tanh(a y / v)) / -v
+  with v = 1 - a^2; "student" -(nu + 1) y / (nu sigma^2 + y^2), sigma^2 =
+  (nu - 2) / nu; "shared" -(y - E[mu_c | every shared block]) / v; a "pair"
+  (u, w) with w = rho u + sqrt(1 - rho^2) e the Gaussian -Sigma^{-1} (u, w);
+  the rest of each block is N(0, I), score -z on it.
+
+  Args:
+    structure: the key or list given to `synthetic_latents`.
+    latents, truth, shared: what it returned (latents unwhitened).
+
+  Returns:
+    name -> [n, dim] float64.
+  """
+  params = _structure_parameters(structure, latents)
+  names = list(latents)
+  z = {n: np.asarray(latents[n], np.float64) for n in names}
+  y = {n: z[n] @ truth[n][0] for n in names}
+  post = None
+  if shared:
+    logp = 0.0
+    for n, (mu, v) in shared.items():
+      logp = logp - np.sum((y[n][:, None, :2] - mu[None]) ** 2, -1) / (2 * v)
+    post = np.exp(logp - logp.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+  pairs = [(n, j) for n in names for j, (kind, _) in enumerate(params[n]) if kind == "pair"]
+  partner = {}
+  for first, second in zip(pairs[::2], pairs[1::2]):
+    partner[first], partner[second] = second, first
+  out = {}
+  for n in names:
+    basis = truth[n][0]
+    grad_y = np.zeros_like(y[n])
+    for j, (kind, p) in enumerate(params[n]):
+      t = y[n][:, j]
+      if kind == "shared":
+        mu, v = shared[n]
+        grad_y[:, j] = -(t - post @ mu[:, j % 2]) / v
+      elif kind == "bimodal":
+        v = 1 - p * p
+        grad_y[:, j] = -(t - p * np.tanh(p * t / v)) / v
+      elif kind == "student":
+        grad_y[:, j] = -(p + 1) * t / (p - 2 + t * t)
+      elif kind == "pair":
+        other_name, other_j = partner[(n, j)]
+        grad_y[:, j] = -(t - p * y[other_name][:, other_j]) / (1 - p * p)
+    out[n] = -(z[n] - y[n] @ basis.T) + grad_y @ basis.T
+  return out
+
+
+def sample_eigenvalues(structure, latents, truth, shared, whitening):
+  """name -> the true_rank largest eigenvalues of H_mm of the whitened law, on these samples.
+
+  What an estimator that sees only the whitened latents x = L^T (z - mean) can
+  find: their law's exact score ratio s(x) = x + L^{-1} grad_z log pi(z)
+  (`exact_scores`), and H_mm = mean over the samples of s_m s_m^T. It differs
+  from the population's closed forms by the sample's own fluctuation (a heavy
+  tail's sample variance moves the whitened law's scale), which no estimator
+  on these samples can remove.
+
+  Args:
+    structure, latents, truth, shared: as for `exact_scores`.
+    whitening: the `sbmae.latents.Whitening` fitted to `latents`.
+
+  Returns:
+    name -> eigenvalues [r], descending, r the block's number of structured
+    columns.
+  """
+  grads = exact_scores(structure, latents, truth, shared)
+  x = whitening.whiten({n: np.asarray(v, np.float64) for n, v in latents.items()})
+  out = {}
+  for n in latents:
+    s = np.asarray(x[n], np.float64) + grads[n] @ np.asarray(
+        whitening.unwhitener[n], np.float64)
+    lam = np.linalg.eigvalsh(s.T @ s / len(s))[::-1]
+    out[n] = lam[:truth[n][0].shape[1]]
   return out
