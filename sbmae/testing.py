@@ -307,7 +307,7 @@ def _structure_parameters(structure, latents):
 def exact_scores(structure, latents, truth, shared):
   """The exact score grad_z log pi(z) of the law `synthetic_latents` drew, at its samples.
 
-  Per structured coordinate y = basis^T z: "bimodal" (y - a tanh(a y / v)) / -v
+  Per structured coordinate y = basis^T z: "bimodal" -(y - a tanh(a y / v)) / v
   with v = 1 - a^2; "student" -(nu + 1) y / (nu sigma^2 + y^2), sigma^2 =
   (nu - 2) / nu; "shared" -(y - E[mu_c | every shared block]) / v; a "pair"
   (u, w) with w = rho u + sqrt(1 - rho^2) e the Gaussian -Sigma^{-1} (u, w);
