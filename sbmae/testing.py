@@ -259,6 +259,15 @@ def synthetic_latents(structure, n, seed, dim=64):
   return latents, truth, shared
 
 
+def _class_posterior(ys, shared):
+  """[n, 10] posterior of the shared class given every shared block's plane ys[name] [n, 2]."""
+  logp = 0.0
+  for n, (mu, v) in shared.items():
+    logp = logp - np.sum((ys[n][:, None, :2] - mu[None]) ** 2, -1) / (2 * v)
+  post = np.exp(logp - logp.max(1, keepdims=True))
+  return post / post.sum(1, keepdims=True)
+
+
 def shared_eigenvalues(latents, truth, shared, num=20000):
   """Monte Carlo eigenvalues of H_mm on the shared subspaces (exact score).
 
@@ -274,17 +283,11 @@ def shared_eigenvalues(latents, truth, shared, num=20000):
     name -> the 2 eigenvalues (descending) of H on its shared plane, in the
     order of the "shared" columns of truth[name].
   """
-  names = list(shared)
   ys = {n: latents[n][:num].astype(np.float64) @ truth[n][0][:, :2]
-        for n in names}
-  logp = 0.0
-  for n in names:
-    mu, v = shared[n]
-    logp = logp - np.sum((ys[n][:, None, :] - mu[None]) ** 2, -1) / (2 * v)
-  post = np.exp(logp - logp.max(1, keepdims=True))
-  post /= post.sum(1, keepdims=True)
+        for n in shared}
+  post = _class_posterior(ys, shared)
   out = {}
-  for n in names:
+  for n in shared:
     mu, v = shared[n]
     s = -(ys[n] - post @ mu) / v + ys[n]
     out[n] = np.sort(np.linalg.eigvalsh(s.T @ s / len(s)))[::-1]
@@ -324,13 +327,7 @@ def exact_scores(structure, latents, truth, shared):
   names = list(latents)
   z = {n: np.asarray(latents[n], np.float64) for n in names}
   y = {n: z[n] @ truth[n][0] for n in names}
-  post = None
-  if shared:
-    logp = 0.0
-    for n, (mu, v) in shared.items():
-      logp = logp - np.sum((y[n][:, None, :2] - mu[None]) ** 2, -1) / (2 * v)
-    post = np.exp(logp - logp.max(1, keepdims=True))
-    post /= post.sum(1, keepdims=True)
+  post = _class_posterior(y, shared) if shared else None
   pairs = [(n, j) for n in names for j, (kind, _) in enumerate(params[n]) if kind == "pair"]
   partner = {}
   for first, second in zip(pairs[::2], pairs[1::2]):
