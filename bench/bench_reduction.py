@@ -116,7 +116,7 @@ def run_one(structure, seed, config, fit_key):
     noise = lam[r_true:]
     rel = np.abs(lam[:r_true] / lam_true[name] - 1)
     rel_sample = np.abs(lam[:r_true] / lam_sample[name] - 1)
-    row = dict(structure=structure, seed=seed, block=name,
+    row = dict(structure=structure, seed=seed, fit_key=fit_key, block=name,
                rank=red.ranks[name], true_rank=r_true, angle_deg=angle,
                above_floor=red.signal_dims[red.names.index(name)],
                eigenvalues=lam[:r_true].tolist(),
@@ -166,6 +166,18 @@ def main(argv):
         f"25% {ok_lam} (of the population's; of these samples' {ok_sample}), angle < 10 deg "
         f"{ok_angle}; false-positive directions {empty} of "
         f"{sum(_DIM.value - r['true_rank'] for r in rows)} empty ones")
+  structured = [r for r in rows if r["true_rank"]]
+  if structured:
+    # Signed errors against the exact H of these samples: their mean is the
+    # estimator's bias (shrinkage when negative), the weakest third's its
+    # bias where the structure is weak.
+    ref = np.concatenate([r["sample_eigenvalues"] for r in structured])
+    err = np.concatenate([r["eigenvalues"] for r in structured]) / ref - 1
+    weak = ref < np.quantile(ref, 1 / 3)
+    print(f"structured eigenvalues against these samples' exact H: mean error "
+          f"{100 * err.mean():+.1f}%, mean |error| {100 * np.abs(err).mean():.1f}%, "
+          f"weakest third (below {np.quantile(ref, 1 / 3):.2f}) mean error "
+          f"{100 * err[weak].mean():+.1f}%")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)

@@ -87,6 +87,9 @@ class ReductionConfig:
       directions "subspace" refines (those with the largest z-scores).
     width: hidden width of g (per coordinate for "ridge") or of the MLP.
     depth: hidden layers of the MLP (not used by "ridge", which has one).
+      3 rather than 2: the "subspace" residual's held-out F is lower in 9 of
+      10 synthetic fits and the weakest structured eigenvalues less shrunk
+      (README, "depth of the subspace residual").
     divergence: "exact" (Jacobian trace by forward mode: k jvps for
       "lowrank", D for the MLPs) or "hutchinson" (Rademacher probes,
       unbiased). "subspace", "ridge" and linear terms always use their exact
@@ -152,7 +155,7 @@ class ReductionConfig:
   parametrisation: str = "auto"
   bottleneck: int = 64
   width: int = 32
-  depth: int = 2
+  depth: int = 3
   divergence: str = "hutchinson"
   num_probes: int = 1
   threshold_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
