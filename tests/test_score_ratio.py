@@ -116,6 +116,43 @@ def test_marginal_refinement_aligns_a_sharp_unit_next_to_shared_structure(seed):
   np.testing.assert_allclose(eigenvalue, truth["m0"][1][2], rtol=0.15)
 
 
+def test_energy_correction_removes_the_smoothers_variance():
+  # N(0, I) samples: every score ratio is 0, so each undersmoothed spline's
+  # held-out energy E[g^2] is pure estimation variance; the correction must
+  # take it back to ~0 (a wrong sign doubles it, a missing 1/n explodes it).
+  x = jax.random.normal(jax.random.key(0), (20000, 8))
+  x_train, x_held = x[:16000], x[16000:]
+  b0, w = jnp.zeros((8, 8)), jnp.eye(8)
+  knots, theta, _, lam = score_ratio._spline_fit(
+      x_train, x_held, b0, w, num_knots=24, smoothing_grid=(1e-3,),
+      min_gain_z=-np.inf, tail_quantile=0.002)
+  g, _ = score_ratio.marginal_splines({"knots": knots, "theta": theta}, x_held)
+  plug_in = np.asarray(jnp.mean(g * g, 0))
+  correction = np.asarray(score_ratio._energy_correction(
+      x_train, x_held, b0, w, knots, theta, lam))
+  assert plug_in.mean() > 5e-4, plug_in  # ~ 26 features / 16,000 samples
+  assert abs((plug_in + correction).mean()) < 0.3 * plug_in.mean(), (plug_in, correction)
+
+
+def test_eigenvalues_take_the_energy_correction():
+  # A correction c I in every block adds c to every eigenvalue and keeps the
+  # eigenvectors (the z-scores test the fitted s and do not move).
+  dims, x = (3, 2), jax.random.normal(jax.random.key(1), (400, 5))
+  base = {"linear": jnp.diag(jnp.asarray([0.9, 0.5, 0.1, 0.7, 0.3]))}
+  sums, count = score_ratio.diagnostic_blocks(score_ratio.closed_form_score, base, x,
+                                              dims, 100)
+  blocks = [h / count for h in sums]
+  moments = score_ratio.block_second_moments(x, dims)
+  run = lambda corrections: score_ratio.block_eigen_z_scores(
+      score_ratio.closed_form_score, base, blocks, x, dims, 100,
+      score_ratio.closed_form_curvature, moments, corrections)
+  for (lam, vec, _, z), (lam_c, vec_c, _, z_c) in zip(
+      run(None), run([0.25 * jnp.eye(d) for d in dims])):
+    np.testing.assert_allclose(lam_c, lam + 0.25, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(vec_c), np.abs(vec), atol=1e-5)
+    np.testing.assert_allclose(z_c, z, rtol=1e-3)
+
+
 def test_empty_subspace_leaves_the_closed_form_parts():
   # No direction passed the test (e.g. pure N(0, I) latents): the model is
   # B_0 x + m(x), and it still trains (no parameters) and evaluates.
