@@ -265,24 +265,22 @@ def _marginal_coordinates(x, w, b0):
   return t, t - (x @ b0.T) @ w  # target: the linear part's share removed
 
 
-@jax.jit
-def _marginal_moments(x, w, b0, knots):
-  """Per-direction normal equations of the marginal fit: (G [K, J', J'], r [K, J'])."""
+@functools.partial(jax.jit, static_argnames="covariance")
+def _marginal_moments(x, w, b0, knots, covariance=False):
+  """Per-direction normal equations of the marginal fit: (G [K, J', J'], r [K, J']).
+
+  r is the mean of one term per sample, rho_n = phi(t_n) target_n - phi'(t_n);
+  with `covariance`, their covariance Sigma [K, J', J'] is returned too.
+  """
   t, target = _marginal_coordinates(x, w, b0)
   phi, dphi = marginal_features(t, knots)
   n = x.shape[0]
   gram = jnp.einsum("nkj,nki->kji", phi, phi) / n
-  return gram, jnp.einsum("nkj,nk->kj", phi, target) / n - jnp.mean(dphi, 0)
-
-
-@jax.jit
-def _marginal_score_covariance(x, w, b0, knots):
-  """Per-direction covariance [K, J', J'] of one sample's term of r (`_marginal_moments`)."""
-  t, target = _marginal_coordinates(x, w, b0)
-  phi, dphi = marginal_features(t, knots)
+  r = jnp.einsum("nkj,nk->kj", phi, target) / n - jnp.mean(dphi, 0)
+  if not covariance:
+    return gram, r
   rho = phi * target[..., None] - dphi  # [n, K, J']
-  mean = jnp.mean(rho, 0)
-  return jnp.einsum("nkj,nki->kji", rho, rho) / x.shape[0] - mean[:, :, None] * mean[:, None]
+  return gram, r, jnp.einsum("nkj,nki->kji", rho, rho) / n - r[:, :, None] * r[:, None]
 
 
 @jax.jit
@@ -368,8 +366,8 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
                           smoothing_grid=smoothing_grid, min_gain_z=min_gain_z,
                           tail_quantile=tail_quantile)
 
-  def fit_and_refine(w, rounds, tolerance=0.0):
-    knots, theta, gain, lam = fit(w)
+  def refine(w, fitted, rounds, tolerance=0.0):
+    knots, theta, gain, lam = fitted
     for _ in range(rounds):
       w_old, w = w, _refine_basis(x_ica, w, knots, theta, tuple(int(e) for e in edges))
       knots, theta, gain, lam = fit(w)
@@ -378,6 +376,9 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
       if move < tolerance:
         break
     return dict(W=w, knots=knots, theta=theta), gain, lam
+
+  def fit_and_refine(w, rounds):
+    return refine(w, fit(w), rounds)
 
   marginal, gain, lam = fit_and_refine(w, refine_rounds)
   for r in range(deflation_rounds):
@@ -388,7 +389,8 @@ def marginal_fit(x_train, x_held_out, b0, dims, rng, *, num_knots,
       break
     marginal, gain, lam = deflated
   if polish_rounds:
-    marginal, gain, lam = fit_and_refine(marginal["W"], polish_rounds, refine_tolerance)
+    fitted = (marginal["knots"], marginal["theta"], gain, lam)
+    marginal, gain, lam = refine(marginal["W"], fitted, polish_rounds, refine_tolerance)
   marginal["energy_correction"] = (
       _energy_correction(x_train, x_held_out, b0, marginal["W"], marginal["knots"],
                          marginal["theta"], lam * energy_smoothing)
@@ -473,7 +475,7 @@ def _energy_correction(x_train, x_held_out, b0, w, knots, theta, lam):
   and 0.34-0.39). The spline is a linear
   smoother, theta = A r with A = (G + lam R)^{-1} and r the mean of n
   independent per-sample terms of covariance Sigma
-  (`_marginal_score_covariance`), so with a smaller weight `lam` the energy
+  (`_marginal_moments`), so with a smaller weight `lam` the energy
   theta^T G_h theta (G_h on the held-out samples) has the known upward bias
   tr(G_h A Sigma A^T) / n, which is subtracted.
 
@@ -487,11 +489,10 @@ def _energy_correction(x_train, x_held_out, b0, w, knots, theta, lam):
   Returns:
     [K] the debiased energy minus theta^T G_h theta.
   """
-  gram, r = _marginal_moments(x_train, w, b0, knots)
+  gram, r, sigma = _marginal_moments(x_train, w, b0, knots, covariance=True)
   gram_h, _ = _marginal_moments(x_held_out, w, b0, knots)
   a = jnp.linalg.inv(gram + lam[:, None, None] * _roughness(theta.shape[1] - 2))
   theta_s = jnp.einsum("kji,ki->kj", a, r)
-  sigma = _marginal_score_covariance(x_train, w, b0, knots)
   variance = jnp.einsum("kji,kil,kml,kmj->k", gram_h, a, sigma, a) / x_train.shape[0]
   energy = jnp.einsum("kj,kji,ki->k", theta_s, gram_h, theta_s) - variance
   plug_in = jnp.einsum("kj,kji,ki->k", theta, gram_h, theta)
