@@ -26,6 +26,7 @@ from sbmae import training
 flags.DEFINE_integer("iters", 5, "Timed steps.")
 flags.DEFINE_list("cases", ["1x256", "1x32", "5x256"], "modalities x batch size.")
 flags.DEFINE_list("widths", ["64", "128", "256"], "Conv widths (the cpu config's: 16,32,64).")
+flags.DEFINE_bool("profile", False, "Also print where each step's XLA op time goes.")
 FLAGS = flags.FLAGS
 
 
@@ -45,7 +46,7 @@ def bench(num_modalities, batch_size, peak):
   name = (f"autoencoder {'-'.join(FLAGS.widths)} train step, {num_modalities} "
           f"modality(ies), batch {batch_size}")
   common.time_train_step(name, step, state, batch, batch_size * num_modalities, "images",
-                         peak, FLAGS.iters)
+                         peak, FLAGS.iters, profile=FLAGS.profile)
 
 
 def main(_):

@@ -22,6 +22,7 @@ flags.DEFINE_list("batch_sizes", ["128", "256"], "Batch sizes to time.")
 flags.DEFINE_integer("num_modalities", 5, "Classifiers trained in one step.")
 flags.DEFINE_integer("width", 32, "DigitClassifier width.")
 flags.DEFINE_integer("iters", 5, "Timed steps.")
+flags.DEFINE_bool("profile", False, "Also print where each step's XLA op time goes.")
 FLAGS = flags.FLAGS
 
 
@@ -36,8 +37,9 @@ def bench(batch_size, peak):
   batch = {n: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, n in enumerate(names)}
   batch["label"] = jnp.arange(batch_size) % 10
-  common.time_train_step(f"classifier train step, {len(names)} modalities, batch {batch_size}", step, state, batch,
-                         batch_size * len(names), "images", peak, FLAGS.iters)
+  common.time_train_step(
+      f"classifier train step, {len(names)} modalities, batch {batch_size}", step, state,
+      batch, batch_size * len(names), "images", peak, FLAGS.iters, profile=FLAGS.profile)
 
 
 def main(_):

@@ -1,6 +1,14 @@
-"""Timing helpers shared by the benchmarks: medians, XLA FLOP counts, share of peak."""
+"""Timing helpers shared by the benchmarks: medians, XLA FLOP counts, share of peak,
+and where a step's time goes (`op_breakdown`)."""
 
+import collections
+import glob
+import gzip
+import json
+import os
+import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -67,7 +75,68 @@ def report(name, seconds, items, unit, num_flops, peak_gflops):
         f"({100 * gflops / peak_gflops:.1f}% of {peak_gflops:.0f})", flush=True)
 
 
-def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters):
+# XLA:CPU op names (HLO instruction names) -> what the op does, first match wins.
+_OP_KINDS = (
+    ("convolution", r"^(conv_general_dilated|convolution)"),
+    ("dot (YNNPACK / XLA)", r"^(ynn_fusion|dot)"),
+    ("reduction (bias gradients, sums)", r"reduce"),
+    ("layout (transposes, copies, pads, concatenations)",
+     r"^(transpose|copy|concatenate|pad|slice|bitcast_copy|dynamic)"),
+    ("elementwise fusion (activations, their gradients, optimiser)", r"fusion|^wrapped_"),
+)
+# Events that contain other ops (counted through them) or are not XLA ops.
+_OP_SKIP = re.compile(r"^(while|conditional|call)(\.\d+)?$|^[A-Z]|[^\w.\-]")
+
+
+def op_kind(name):
+  """The `_OP_KINDS` label of an XLA:CPU op name ("other" if none matches)."""
+  for kind, pattern in _OP_KINDS:
+    if re.search(pattern, name):
+      return kind
+  return "other"
+
+
+def op_breakdown(fn, iters=5):
+  """Profiles `iters` calls of `fn()` and prints where the XLA op time goes.
+
+  Runs `jax.profiler.trace` (perfetto trace), sums the duration of every XLA
+  op event by `op_kind` and prints each kind's time per call, its share of
+  the op time, and the op time's share of the wall time (the rest is the
+  runtime's gaps between ops; above 100% ops ran concurrently).
+
+  Returns:
+    {kind: seconds per call}, or {} where the trace held no XLA ops.
+  """
+  jax.block_until_ready(fn())
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      start = time.perf_counter()
+      for _ in range(iters):
+        jax.block_until_ready(fn())
+      wall = (time.perf_counter() - start) / iters
+    paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    events = json.load(gzip.open(paths[0])) if paths else {}
+  events = events.get("traceEvents", []) if isinstance(events, dict) else events
+  seconds, counts = collections.Counter(), collections.Counter()
+  for event in events:
+    name = event.get("name", "")
+    if event.get("ph") == "X" and not _OP_SKIP.search(name):
+      seconds[op_kind(name)] += event.get("dur", 0) * 1e-6 / iters
+      counts[op_kind(name)] += 1
+  total = sum(seconds.values())
+  if not total:
+    print("  op breakdown: the profiler trace held no XLA op events", flush=True)
+    return {}
+  print(f"  op time {1e3 * total:.1f} ms per call, {100 * total / wall:.0f}% of the "
+        f"wall time under the profiler ({1e3 * wall:.1f} ms):", flush=True)
+  for kind, t in seconds.most_common():
+    print(f"    {1e3 * t:8.1f} ms {100 * t / total:5.1f}%  {counts[kind] // iters:5d} ops  {kind}",
+          flush=True)
+  return dict(seconds)
+
+
+def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters,
+                    profile=False):
   """Times a donating train step (state, batch, rng) -> (state, metrics) and reports it.
 
   Args:
@@ -79,6 +148,7 @@ def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters):
     unit: their name ("images", "examples").
     peak_gflops: the machine's measured peak.
     iters: timed calls.
+    profile: also print where the step's op time goes (`op_breakdown`).
   """
   rng = jax.random.PRNGKey(1)
   num_flops = flops(step.lower(state, batch, rng).compile())
@@ -89,3 +159,5 @@ def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters):
     return metrics["loss"]
 
   report(name, median_seconds(run, iters), items, unit, num_flops, peak_gflops)
+  if profile:
+    op_breakdown(run, iters)
