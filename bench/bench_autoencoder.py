@@ -10,7 +10,10 @@ share of the machine's fp32 matmul peak (FLOPs from XLA's cost analysis).
 Reference, PyTorch SBM-AE on the same 2-core CPU: batch 256 2.16 s
 (118 images/s, ~40% of peak); batch 32 0.21 s.
 
-  JAX_PLATFORMS=cpu python bench/bench_autoencoder.py
+  JAX_PLATFORMS=cpu python bench/bench_autoencoder.py [--profile]
+
+`--profile` also prints where each step's XLA op time goes (convolutions,
+elementwise fusions, layout copies, reductions: `common.op_breakdown`).
 """
 
 from absl import app

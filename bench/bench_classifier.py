@@ -5,7 +5,7 @@ one jitted step, as sbmae/stages/classifier.py does (random shifts, dropout,
 cross-entropy, grads, Adam): images/s and the share of the machine's XLA
 matmul peak (measured at start; FLOPs from XLA's cost analysis).
 
-  JAX_PLATFORMS=cpu python bench/bench_classifier.py [--batch_sizes=128,256]
+  JAX_PLATFORMS=cpu python bench/bench_classifier.py [--batch_sizes=128,256] [--profile]
 """
 
 from absl import app

@@ -17,6 +17,7 @@ Reference, PyTorch SBM-AE U-Net on the same 2-core CPU: train step 1.21 s;
 Run:
   JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet]
       [--guidance=2 --joint_guidance=1 --corrector_steps=3]  # the cpu config's sampler
+      [--profile]  # also where the train step's XLA op time goes (common.op_breakdown)
 """
 
 from absl import app
@@ -46,6 +47,7 @@ flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w of the sa
 flags.DEFINE_float("joint_guidance", 0.0, "Joint guidance weight v of the sampler; > 0 "
                    "also times it with min_observed = 2 (the marginals of the 3 "
                    "unobserved modalities only).")
+flags.DEFINE_bool("profile", False, "Also print where the train step's XLA op time goes.")
 
 DIMS = (64,) * 5
 MODELS = {
@@ -96,6 +98,8 @@ def bench_model(name, peak):
   seconds = common.median_seconds(run_train, FLAGS.train_iters)
   common.report(f"{name} train step ({FLAGS.update} update), batch {b}", seconds, b,
                 "examples", train_flops, peak)
+  if FLAGS.profile:
+    common.op_breakdown(run_train, FLAGS.train_iters)
 
   params = state[0]
   score_fn = losses.get_score_fn(sde, model)
