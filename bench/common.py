@@ -115,14 +115,18 @@ def op_breakdown(fn, iters=5):
         jax.block_until_ready(fn())
       wall = (time.perf_counter() - start) / iters
     paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    events = json.load(gzip.open(paths[0])) if paths else {}
+    events = {}
+    if paths:
+      with gzip.open(paths[0]) as f:
+        events = json.load(f)
   events = events.get("traceEvents", []) if isinstance(events, dict) else events
   seconds, counts = collections.Counter(), collections.Counter()
   for event in events:
     name = event.get("name", "")
     if event.get("ph") == "X" and not _OP_SKIP.search(name):
-      seconds[op_kind(name)] += event.get("dur", 0) * 1e-6 / iters
-      counts[op_kind(name)] += 1
+      kind = op_kind(name)
+      seconds[kind] += event.get("dur", 0) * 1e-6 / iters
+      counts[kind] += 1
   total = sum(seconds.values())
   if not total:
     print("  op breakdown: the profiler trace held no XLA op events", flush=True)
