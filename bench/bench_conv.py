@@ -96,10 +96,11 @@ def bench_shape(label, k, s, size, cin, cout, peak):
     fn = IMPLS[name]
     # The output is returned with the gradients: the gradient of a linear map
     # needs no forward, and XLA drops an unused one (grad alone times the backward).
-    step = jax.jit(lambda x, w, fn=fn: _value_and_vjp(
+    # The cotangent is an argument: as a closed-over constant XLA folds its transposes.
+    step = jax.jit(lambda x, w, g, fn=fn: _value_and_vjp(
         lambda x, w: fn(x, w, (s, s), pads), (x, w), g),
                    compiler_options=conv.compiler_options() if FLAGS.compiler_options else None)
-    seconds = common.median_seconds(lambda: step(x, kernel), FLAGS.iters)
+    seconds = common.median_seconds(lambda: step(x, kernel, g), FLAGS.iters)
     line.append(f"{name} {1e3 * seconds:7.1f} ms ({100 * num_flops / seconds / 1e9 / peak:3.0f}%)")
   print(" | ".join(line), flush=True)
 
