@@ -85,6 +85,10 @@ def get_config():
       latent_dim=64,
       widths=(64, 128, 256),
       blocks_per_stage=1,
+      # The conv decoder's last layers: "upsample" (to full resolution, then a
+      # 5x5 convolution) or "subpixel" (a 5x5 convolution at half resolution
+      # to 4x the channels, then depth-to-space; 1.5x faster on CPU).
+      decoder_head="upsample",
       beta=1e-4,  # weight of ||z||^2 (rae) or of the KL term (vae).
       noise_std=0.01,  # rae: Gaussian noise added to z before decoding.
       # vae: the latents handed on are posterior samples mu + sigma e ("sample",

@@ -120,6 +120,7 @@ RULES = (
     ("autoencoder.latent_dim", *_POSITIVE_INT),
     ("autoencoder.widths", *_POSITIVE_INTS),
     ("autoencoder.blocks_per_stage", *_NONNEG_INT),
+    ("autoencoder.decoder_head", *_choice("upsample", "subpixel")),
     ("autoencoder.beta", *_NONNEG),
     ("autoencoder.noise_std", *_NONNEG),
     ("autoencoder.vae_latents", *_choice("sample", "mean")),

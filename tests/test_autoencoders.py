@@ -21,10 +21,12 @@ def test_reconstruction_losses_match_their_formulas():
                              [np.sum(bce)], rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["rae", "vae"])
-def test_models_shapes_and_regulariser(kind):
+@pytest.mark.parametrize("kind,decoder_head", [("rae", "upsample"), ("vae", "upsample"),
+                                               ("rae", "subpixel")])
+def test_models_shapes_and_regulariser(kind, decoder_head):
   config = ml_collections.ConfigDict(dict(kind=kind, latent_dim=6, widths=(4, 8, 8),
-                                          blocks_per_stage=1, beta=1.0, noise_std=0.0))
+                                          blocks_per_stage=1, decoder_head=decoder_head,
+                                          beta=1.0, noise_std=0.0))
   mods = (modalities.Modality("img", "image", (28, 28, 3)),
           modalities.Modality("mask", "image", (32, 32, 1), "bernoulli"),
           modalities.Modality("vec", "vector", (18,), "bernoulli"))
@@ -43,6 +45,34 @@ def test_models_shapes_and_regulariser(kind):
   for m in mods:
     rec = metrics[f"{m.name}/rec_per_dim"] * np.prod(m.shape)
     assert metrics[f"{m.name}/loss"] >= rec - 1e-4
+
+
+def test_subpixel_head_replaces_the_full_resolution_layers():
+  """Parameter counts of the two decoder heads, and no hidden layer at full resolution."""
+  mod = modalities.Modality("img", "image", (28, 28, 3))
+  width, channels = 4, 3
+
+  def build(head):
+    config = ml_collections.ConfigDict(dict(kind="rae", latent_dim=6, widths=(width, 8),
+                                            blocks_per_stage=1, decoder_head=head))
+    model = autoencoders.build_models(config, (mod,))["img"]
+    return model, autoencoders.init_params({"img": model}, (mod,), jax.random.PRNGKey(0))["img"]
+
+  counts = {}
+  for head in ("upsample", "subpixel"):
+    model, params = build(head)
+    counts[head] = sum(x.size for x in jax.tree.leaves(params))
+  # upsample: a 3x3 conv to 4 * width channels, a 5x5 conv to the image's channels;
+  # subpixel: one 5x5 conv to 4 * channels.
+  upsample = (9 * width * 4 * width + 4 * width) + (25 * width * channels + channels)
+  subpixel = 25 * width * 4 * channels + 4 * channels
+  assert counts["upsample"] - counts["subpixel"] == upsample - subpixel
+  # The largest activation of the subpixel decoder before its output is at 16x16.
+  jaxpr = jax.make_jaxpr(lambda p, z: model.apply(p, z, method="decode"))(
+      params, jnp.zeros((1, 6)))
+  full = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars
+          if len(v.aval.shape) == 4 and v.aval.shape[1] == 32 and v.aval.shape[-1] != channels]
+  assert not full, full
 
 
 def test_vae_latents_are_posterior_samples_and_count_used_directions():

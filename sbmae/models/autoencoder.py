@@ -4,7 +4,11 @@
 power of two, a 5x5 stride-2 stem, then one stage per width of residual blocks
 each ending in a stride-2 convolution, down to 2x2; a dense layer gives the
 latent (mean and log-variance for a VAE). The decoder mirrors it with
-convolution + depth-to-space upsampling. Decoder outputs are logits: sigmoid for "mse"
+convolution + depth-to-space upsampling, and ends in one of two heads
+(`decoder_head`): "upsample", a last upsampling to full resolution and a 5x5
+convolution there, or "subpixel", a 5x5 convolution at half resolution to 4x the
+image channels and depth-to-space, the exact mirror of the stem, with no
+full-resolution hidden layer. Decoder outputs are logits: sigmoid for "mse"
 modalities, Bernoulli logits for "bernoulli" ones.
 """
 
@@ -69,10 +73,19 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-  """[B, latent] -> [B, H, W, C] logits (mirror of ConvEncoder)."""
+  """[B, latent] -> [B, H, W, C] logits (mirror of ConvEncoder).
+
+  `head` "subpixel" replaces the last `Upsample` and the 5x5 convolution at full
+  resolution by one 5x5 convolution at half resolution to 4 C channels and
+  depth-to-space, a layer cheaper on every backend: on 2 CPU cores the `cpu`
+  config's 5-autoencoder train step (widths 16-32-64, batch 64) takes 0.28 s
+  instead of 0.42 s, SBM-AE's 64-128-256 at batch 256 1.39 s instead of 2.21 s
+  (README, "Speed").
+  """
   widths: Sequence[int]
   shape: Sequence[int]
   blocks_per_stage: int = 1
+  head: str = "upsample"
 
   @nn.compact
   def __call__(self, z):
@@ -85,8 +98,13 @@ class ConvDecoder(nn.Module):
       x = Upsample(width)(nn.silu(x))
       for _ in range(self.blocks_per_stage):
         x = ResBlock(width)(x)
-    x = Upsample(self.widths[0])(nn.silu(x))
-    x = conv.Conv(c, (5, 5))(nn.silu(x))
+    if self.head == "subpixel":
+      x = conv.depth_to_space(conv.Conv(4 * c, (5, 5))(nn.silu(x)))
+    elif self.head == "upsample":
+      x = Upsample(self.widths[0])(nn.silu(x))
+      x = conv.Conv(c, (5, 5))(nn.silu(x))
+    else:
+      raise ValueError(f"decoder head {self.head!r}: expected 'upsample' or 'subpixel'")
     top, left = (size - h) // 2, (size - w) // 2
     return x[:, top:top + h, left:left + w, :]
 
@@ -114,6 +132,8 @@ class AutoEncoder(nn.Module):
     widths: conv widths (image) or hidden widths (vector).
     blocks_per_stage: residual blocks per conv stage.
     variational: encoder outputs mean and log-variance (VAE).
+    decoder_head: the conv decoder's last layers, "upsample" or "subpixel"
+      (`ConvDecoder.head`).
   """
   kind: str
   shape: Sequence[int]
@@ -121,12 +141,14 @@ class AutoEncoder(nn.Module):
   widths: Sequence[int]
   blocks_per_stage: int = 1
   variational: bool = False
+  decoder_head: str = "upsample"
 
   def setup(self):
     out = 2 * self.latent_dim if self.variational else self.latent_dim
     if self.kind == "image":
       self.encoder = ConvEncoder(self.widths, out, self.blocks_per_stage)
-      self.decoder = ConvDecoder(self.widths, self.shape, self.blocks_per_stage)
+      self.decoder = ConvDecoder(self.widths, self.shape, self.blocks_per_stage,
+                                 self.decoder_head)
     else:
       self.encoder = MLP(self.widths, out)
       self.decoder = MLP(tuple(reversed(self.widths)), self.shape[-1])
