@@ -58,16 +58,16 @@ def test_subpixel_head_replaces_the_full_resolution_layers():
     model = autoencoders.build_models(config, (mod,))["img"]
     return model, autoencoders.init_params({"img": model}, (mod,), jax.random.PRNGKey(0))["img"]
 
-  counts = {}
-  for head in ("upsample", "subpixel"):
-    model, params = build(head)
-    counts[head] = sum(x.size for x in jax.tree.leaves(params))
+  built = {head: build(head) for head in ("upsample", "subpixel")}
+  counts = {head: sum(x.size for x in jax.tree.leaves(params))
+            for head, (_, params) in built.items()}
   # upsample: a 3x3 conv to 4 * width channels, a 5x5 conv to the image's channels;
   # subpixel: one 5x5 conv to 4 * channels.
   upsample = (9 * width * 4 * width + 4 * width) + (25 * width * channels + channels)
   subpixel = 25 * width * 4 * channels + 4 * channels
   assert counts["upsample"] - counts["subpixel"] == upsample - subpixel
   # The largest activation of the subpixel decoder before its output is at 16x16.
+  model, params = built["subpixel"]
   jaxpr = jax.make_jaxpr(lambda p, z: model.apply(p, z, method="decode"))(
       params, jnp.zeros((1, 6)))
   full = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars
