@@ -60,7 +60,7 @@ def get_config(arg=""):
     # prior and evaluation (README, "Autoencoder recipe for the textured
     # modalities").
     # Sub-pixel decoder head: the same 8,000 steps end to end in 2,325 s
-    # instead of 3,902 s on one 2-core machine, mean conditional coherence
+    # instead of 3,902 s (2-core machines of one speed), mean conditional coherence
     # 0.801 vs 0.796, unconditional 0.572 vs 0.542, ceiling 0.920 vs 0.929
     # (README, "Sub-pixel decoder head"). PolyMNIST-10's README rows are with
     # the upsample head and were not re-run, so it keeps it.
