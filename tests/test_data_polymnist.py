@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import pathlib
 
+import grain
 import numpy as np
 from PIL import Image
 import pytest
@@ -212,6 +213,28 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
   second = polymnist.load(config, tmp_path, seed=0)
   np.testing.assert_array_equal(first["test"].images, second["test"].images)
   assert first["train"].images.shape == (60000, 3, 28, 28, 3)
+
+
+@pytest.mark.parametrize("batch_size,seed,shard,shuffle,repeat,drop", [
+    (64, 0, (0, 1), True, True, True),    # batches straddle epochs (1,000 rows)
+    (37, 5, (1, 3), True, True, True),    # a shard
+    (300, 3, (0, 2), True, False, False),  # one pass, last batch short
+    (300, 3, (0, 1), True, False, True),
+    (100, 0, (0, 1), False, False, False),  # the evaluation's ordered pass
+])
+def test_pipeline_order_is_grains(batch_size, seed, shard, shuffle, repeat, drop):
+  # The per-epoch index permutation must give the batches of the grain pipeline
+  # it replaced (and that earlier runs used), batch for batch.
+  n = 1000
+  arrays = {"m0": np.arange(n, dtype=np.uint8)[:, None], "label": np.arange(n, dtype=np.int32)}
+  ref = grain.MapDataset.range(n)[shard[0]::shard[1]]
+  ref = ref.seed(seed).shuffle() if shuffle else ref
+  ref = (ref.repeat() if repeat else ref).batch(batch_size, drop_remainder=drop)
+  ds = input_pipeline.dataset(arrays, batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
+                              shard_index=shard[0], shard_count=shard[1], drop_remainder=drop)
+  assert len(ds) == len(ref)
+  for i in range(60 if repeat else len(ref)):
+    np.testing.assert_array_equal(ds[i]["label"], np.sort(np.asarray(ref[i])), err_msg=f"batch {i}")
 
 
 def test_pipeline_batches_shuffle_shard_and_resume():
