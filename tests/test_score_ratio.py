@@ -66,19 +66,28 @@ def test_divergence_and_curvature_are_those_of_the_jacobian(kind, random_like):
     ("bimodal", 0.8, testing.bimodal_eigenvalue(0.8)),
     ("bimodal", 0.97, testing.bimodal_eigenvalue(0.97))])
 def test_marginal_fit_recovers_a_private_law(law, param, eigenvalue):
-  # One non-Gaussian unit in 8 rotated dims: the marginal splines alone must
-  # give its direction and its H eigenvalue J - 1, and ~0 elsewhere.
+  # One non-Gaussian unit in 8 rotated dims: the marginal splines, fitted as
+  # the reduction fits them (ICA refinement, deflation and polish, debiased
+  # energy), must give its direction and its H eigenvalue J - 1, and ~0
+  # elsewhere. The first ICA pass alone is not enough: for the bimodal 0.8 unit
+  # its eigenvalue ranged 0.31-0.65 over ICA keys 0-5 (truth 0.46) on a 2-core
+  # AMD machine, against 0.41 at every key with the full recipe.
   raw, truth, _ = testing.synthetic_latents([[(law, param)]], 20000, seed=1, dim=8)
   white = latents_lib.Whitening.fit(raw)
   x = jnp.asarray(white.whiten(raw)["m0"], jnp.float32)
   x_train, x_held = x[:16000], x[16000:]
   b0, _, _ = score_ratio.linear_fit(x_train, x_held, (0.0, 1.0, 2.0))
+  c = reduction.ReductionConfig()
   marginal, gain = score_ratio.marginal_fit(
       x_train, x_held, b0, (8,), jax.random.key(0), num_knots=24,
-      smoothing_grid=reduction.ReductionConfig().smoothing_grid)
+      smoothing_grid=c.smoothing_grid, refine_rounds=c.ica_refine_rounds,
+      polish_rounds=c.ica_polish_rounds, refine_tolerance=c.ica_refine_tolerance,
+      deflation_rounds=c.ica_deflation_rounds, energy_smoothing=c.energy_smoothing)
   assert gain < 0
   s = x_held @ b0.T + score_ratio.marginal_score(marginal, x_held)[0]
-  lam, vec = np.linalg.eigh(np.asarray(s.T @ s) / len(s))
+  h = np.asarray(s.T @ s) / len(s) + np.asarray(
+      score_ratio.energy_correction_blocks({"marginal": marginal}, (8,))[0])
+  lam, vec = np.linalg.eigh(h)
   np.testing.assert_allclose(lam[-1], eigenvalue, rtol=0.25)
   assert lam[-2] < 0.1 * eigenvalue
   true_direction = np.asarray(white.whitener["m0"], np.float64) @ truth["m0"][0][:, 0]
