@@ -76,14 +76,12 @@ def test_marginal_fit_recovers_a_private_law(law, param, eigenvalue):
   white = latents_lib.Whitening.fit(raw)
   x = jnp.asarray(white.whiten(raw)["m0"], jnp.float32)
   x_train, x_held = x[:16000], x[16000:]
-  b0, _, _ = score_ratio.linear_fit(x_train, x_held, (0.0, 1.0, 2.0))
-  c = reduction.ReductionConfig()
-  marginal, gain = score_ratio.marginal_fit(
-      x_train, x_held, b0, (8,), jax.random.key(0), num_knots=24,
-      smoothing_grid=c.smoothing_grid, refine_rounds=c.ica_refine_rounds,
-      polish_rounds=c.ica_polish_rounds, refine_tolerance=c.ica_refine_tolerance,
-      deflation_rounds=c.ica_deflation_rounds, energy_smoothing=c.energy_smoothing)
-  assert gain < 0
+  config = dataclasses.replace(reduction.ReductionConfig(), threshold_grid=(0.0, 1.0, 2.0),
+                               marginal_knots=24)
+  base, info = score_ratio.closed_form_base(x_train, x_held, rng=jax.random.key(0),
+                                            config=config, dims=(8,))
+  b0, marginal = base["linear"], base["marginal"]
+  assert info["marginal_held_out_gain"] < 0
   s = x_held @ b0.T + score_ratio.marginal_score(marginal, x_held)[0]
   h = np.asarray(s.T @ s) / len(s) + np.asarray(
       score_ratio.energy_correction_blocks({"marginal": marginal}, (8,))[0])

@@ -1030,7 +1030,8 @@ def closed_form_base(x_train, x_held_out, *, rng, config, dims):
 
   Returns:
     (base, info): info holds "linear_held_out_objective" (F of B_0 x alone)
-    where there is a linear part.
+    where there is a linear part and "marginal_held_out_gain" (the splines'
+    held-out F gain over it) where there are splines.
   """
   base, info = {}, {}
   if config.parametrisation == "mlp":
@@ -1040,14 +1041,15 @@ def closed_form_base(x_train, x_held_out, *, rng, config, dims):
   logging.info("reduction: linear fit (%s), held-out F %.4f", rule,
                info["linear_held_out_objective"])
   if config.marginal_knots:
-    base["marginal"], gain = marginal_fit(
+    base["marginal"], info["marginal_held_out_gain"] = marginal_fit(
         x_train, x_held_out, base["linear"], dims, rng,
         num_knots=config.marginal_knots, smoothing_grid=config.smoothing_grid,
         ica_samples=config.ica_samples, refine_rounds=config.ica_refine_rounds,
         polish_rounds=config.ica_polish_rounds, refine_tolerance=config.ica_refine_tolerance,
         deflation_rounds=config.ica_deflation_rounds,
         energy_smoothing=config.energy_smoothing)
-    logging.info("reduction: marginal splines, held-out F gain %.4f", gain)
+    logging.info("reduction: marginal splines, held-out F gain %.4f",
+                 info["marginal_held_out_gain"])
   return base, info
 
 
@@ -1074,6 +1076,7 @@ def train_score_ratio(x_train, x_held_out, *, rng, config, dims=None):
     (model, params, info): the ScoreRatioModel, the parameters with the best
     held-out F, and a dict with "held_out_objective" (that F),
     "linear_held_out_objective" (F of the linear fit alone, if any),
+    "marginal_held_out_gain" (the marginal splines' gain over it, if any),
     "base_held_out_objective" (F of the closed-form parts, before training),
     "train_steps", "best_step" and "parametrisation" (the residual kept; for
     "auto" also "<name>_held_out_objective" of each residual tried).
