@@ -12,7 +12,7 @@ import pytest
 from sbmae.stages import autoencoders
 from sbmae.data import modalities
 from sbmae.diffusion import sample
-from sbmae.reduction import score_ratio
+from sbmae.reduction import diagnostics
 from sbmae.diffusion import sde as sde_lib
 from sbmae import training
 
@@ -53,7 +53,7 @@ def test_diagnostic_blocks_on_4_devices_equal_1_device():
   results = []
   for mesh in _meshes():
     xs = training.shard_batch(x, mesh)
-    sums, count = jax.jit(score_ratio.diagnostic_blocks, static_argnums=(0, 3, 4))(
+    sums, count = jax.jit(diagnostics.diagnostic_blocks, static_argnums=(0, 3, 4))(
         score_fn, weight, xs, dims, 16)
     results.append((jax.device_get(sums), int(count)))
   for a, b in zip(results[0][0], results[1][0]):

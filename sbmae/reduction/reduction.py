@@ -5,7 +5,8 @@ mu_m), L_m L_m^T the empirical precision of block m), so the reference density
 is rho = N(0, I_D). The score
 ratio s = grad log(pi / rho) is fitted by minimising the implicit objective
 F(s) = E[1/2 ||s||^2 + div s - s.x] (DESIGN.md, "The maths"; the model and its
-training live in `sbmae.reduction.score_ratio`): a closed-form linear term,
+training live in `sbmae.reduction.score_ratio`, its closed-form parts in
+`sbmae.reduction.closed_form`): a closed-form linear term,
 closed-form splines of every direction's marginal law in each block's ICA
 basis (so a private non-Gaussian unit, however weak, is not lost beside shared
 structure), and a nonlinear residual for the dependence between directions,
@@ -16,11 +17,11 @@ basis U_m, and each eigenvector's u^T H_mm u is re-estimated with a control
 variate, (u.x)^2 of known mean, that removes the heavy tails of a
 Student-t-like direction (whose score ratio grows like x), and each marginal
 spline's share of it is replaced by a debiased energy of that spline (less
-smoothing, the smoother's variance subtracted: `score_ratio._energy_correction`),
+smoothing, the smoother's variance subtracted: `closed_form._energy_correction`),
 since the smoothing that is best for held-out F shrinks weak directions'
 eigenvalues. Each eigenvector
 then takes a cross-fitted test (Stein's identity on held-out samples,
-`score_ratio.direction_z_scores`): a direction where the
+`diagnostics.direction_z_scores`): a direction where the
 learned s is not correlated with the true score ratio is estimation noise (the
 noise floor) and is never kept. Among the rest, ranks are chosen so that the
 estimated bound 1/2 * (discarded eigenvalue mass) <= epsilon; it bounds
@@ -50,6 +51,8 @@ import orbax.checkpoint as ocp
 
 from sbmae import errors
 from sbmae import faults
+from sbmae.reduction import closed_form
+from sbmae.reduction import diagnostics
 from sbmae.reduction import score_ratio
 
 
@@ -80,7 +83,7 @@ class ReductionConfig:
       divergence in one jvp). "lowrank": the same with g an MLP on R^k.
       "subspace": r(x) = U h(U^T x), U [D, k] started at the directions
       where B_0 x + m(x) already shows structure
-      (`score_ratio.structured_subspace`) and trained inside their blocks
+      (`diagnostics.structured_subspace`) and trained inside their blocks
       (subspace_learning_rate), h an MLP on R^k: the form of the true score
       ratio when the structure lives in span(U), with far fewer directions
       to single out training samples than "ridge" (k is capped at
@@ -109,10 +112,10 @@ class ReductionConfig:
     batch_size: training batch; also the batch of evaluation and of H.
     max_steps: training steps at most (0: the linear fit alone).
     ica_directions: per block, W columns ("ridge", "lowrank") that start at
-      the block's most non-Gaussian directions (`score_ratio.ica_directions`)
+      the block's most non-Gaussian directions (`closed_form.ica_directions`)
       instead of at random; 0: all random.
     marginal_knots: J, spline knots per direction of the closed-form
-      marginal part (`score_ratio.marginal_fit`: every direction of each
+      marginal part (`closed_form.marginal_fit`: every direction of each
       block's ICA basis gets the score ratio of its own marginal law, so weak
       private units are found); 0: no marginal part. Not used by "mlp".
     smoothing_grid: roughness-penalty weights of the marginal splines, one
@@ -122,7 +125,7 @@ class ReductionConfig:
       ICA's cost grows linearly with them (48,000 PolyMNIST latents: ~3x).
     ica_refine_rounds: rounds of maximum-likelihood ICA that move the
       directions with a marginal spline to the fixed point of FastICA whose
-      nonlinearity is the fitted score (`score_ratio._refine_basis`), each
+      nonlinearity is the fitted score (`closed_form._refine_basis`), each
       followed by a new spline fit; 0: the tanh FastICA basis as it is. On
       the polymnist benchmark one round moves a sharp bimodal unit from 12
       to 1 degree off, and its eigenvalue from 9.0 to 16.4 (true 15.9).
@@ -135,17 +138,17 @@ class ReductionConfig:
     ica_deflation_rounds: rounds that look for directions the ICA missed:
       each block's directions without a spline are replaced by an ICA of
       their span (the complement of those with one), then splines and
-      refinement again (`score_ratio.marginal_fit`); 0: none. On `private`
+      refinement again (`closed_form.marginal_fit`); 0: none. On `private`
       seed 1 it finds the weak bimodal unit of m2 that the first ICA left
       74 degrees off.
     energy_smoothing: the eigenvalues take each marginal spline's energy
-      E[g_k^2] debiased (`score_ratio._energy_correction`: refitted with
+      E[g_k^2] debiased (`closed_form._energy_correction`: refitted with
       this factor times its chosen roughness weight, the smoother's
       variance term subtracted) instead of the fitted spline's, which the
       smoothing that is best for held-out F shrinks; 0: the fitted s's
       energies as they are.
     significance: z-score a direction of H_mm must reach in the cross-fitted
-      test of `score_ratio.direction_z_scores` to count as structure; the
+      test of `diagnostics.direction_z_scores` to count as structure; the
       others are the estimator's noise floor and are never kept (their
       eigenvalues count as 0 for the ranks and the estimated bound). One-sided
       Gaussian tail at 4: 3e-5 per empty direction. -inf: no test. The same
@@ -267,7 +270,7 @@ class Reduction:
   Attributes:
     eigenvalues: name -> u^T H_mm u of each eigenvector u [d_m], descending,
       >= 0: on the held-out samples, with the control variate (u.x)^2 of
-      `score_ratio.direction_z_scores` against heavy tails.
+      `diagnostics.direction_z_scores` against heavy tails.
     eigenvectors: name -> the matching orthonormal eigenvectors [d_m, d_m].
     names: modality names, in the order of the concatenated latent.
     rank_tuple: r_m in the order of `names` (see `ranks`).
@@ -481,7 +484,7 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
   t_train = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  sums, count = score_ratio.diagnostic_blocks(model.score, params, x_held, dims,
+  sums, count = diagnostics.diagnostic_blocks(model.score, params, x_held, dims,
                                   cfg.batch_size)
   blocks = [jax.block_until_ready(s / count) for s in sums]
   t_h = time.perf_counter() - t0
@@ -491,10 +494,10 @@ def fit(latents: Mapping[str, Any], *, epsilon: float, rng: jax.Array,
   # The noise floor: directions whose learned s is not correlated with the
   # true score ratio on held-out samples (signal first, each part by
   # eigenvalue).
-  for lam, vec, _, z in score_ratio.block_eigen_z_scores(
+  for lam, vec, _, z in diagnostics.block_eigen_z_scores(
       model.score, params, blocks, x_held, dims, cfg.batch_size, model.curvature,
-      score_ratio.block_second_moments(x, dims),
-      score_ratio.energy_correction_blocks(params, dims)):
+      diagnostics.block_second_moments(x, dims),
+      closed_form.energy_correction_blocks(params, dims)):
     signal = np.asarray(z) >= cfg.significance
     order = np.argsort(~signal, kind="stable")
     eigvals.append(lam[order])
