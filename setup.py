@@ -20,5 +20,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["sbmae", "sbmae.*"]),
     python_requires=">=3.11",
     install_requires=_requirements(),
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist==3.8.0"]},
 )

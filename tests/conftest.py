@@ -8,7 +8,15 @@ import types
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# LLVM's optimisation level 1 instead of 2: the tests' programs are tiny and
+# most of their time was compilation (on a 2-core AMD machine: the tiny-config
+# pipeline of test_pipeline.py 96 -> 69 s; flax's random initialisers of 12
+# kernel shapes compile in 1.6 s instead of 33 s, to the same bits;
+# test_reduction.py's weak-mixture and private-mode tests 81 / 65 -> 67 / 47
+# s). Level 0 compiles faster still but runs the reduction tests slower.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1")
 # One persistent XLA compilation cache for the session, inherited by the
 # pipelines the tests start as subprocesses: they compile the same tiny
 # programs again and again (on a 2-core AMD machine the full-vs-reduced
@@ -42,6 +50,20 @@ TINY = {
     "eval.num_examples": 8, "eval.num_unconditional": 8, "eval.grid_examples": 2,
     "eval.max_subsets": 2,
 }
+
+
+@pytest.fixture(scope="session")
+def xla_flags():
+  """xla_flags(num_devices) -> this session's XLA_FLAGS with that many CPU devices.
+
+  For tests that start processes with another device count: they keep the
+  session's other flags (the optimisation level above).
+  """
+  def make(num_devices):
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
+  return make
 
 
 @pytest.fixture(scope="session")

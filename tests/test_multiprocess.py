@@ -15,9 +15,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run_two_processes(workdir, num_steps):
+def _run_two_processes(workdir, num_steps, xla_flags):
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 device each
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))  # 1 device each
   procs = []
   for pid in range(2):
     env_i = dict(env, JAX_PLATFORMS="cpu", SBMAE_COORDINATOR=f"127.0.0.1:{port}",
@@ -38,13 +38,13 @@ def _run_two_processes(workdir, num_steps):
   return logs
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
-  logs = _run_two_processes(tmp_path, num_steps=2)
+def test_two_processes_train_checkpoint_and_resume(tmp_path, xla_flags):
+  logs = _run_two_processes(tmp_path, num_steps=2, xla_flags=xla_flags)
   assert all("JAX processes" in log and "2 devices" not in log for log in logs)
   assert "processes 0/2" in logs[0] and "processes 1/2" in logs[1]
   checkpoints = tmp_path / "autoencoders" / "checkpoints"
   assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2"]
-  logs = _run_two_processes(tmp_path, num_steps=4)
+  logs = _run_two_processes(tmp_path, num_steps=4, xla_flags=xla_flags)
   assert all("[autoencoders] resumed at step 2" in log for log in logs)
   assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["2", "4"]
   # Only process 0 writes metrics.
