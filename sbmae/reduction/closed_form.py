@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 def linear_fit(x_train, x_held_out, grid):
   """Closed-form linear score ratio s(x) = B_0 x, guarded against noise.
 

@@ -17,8 +17,12 @@ from sbmae.reduction.closed_form import closed_form_curvature
 from sbmae.reduction.closed_form import closed_form_score
 from sbmae.reduction.closed_form import marginal_features
 
+
 def batched(x, batch_size):
-  """Pads x [n, ...] to whole batches: ([nb, batch, ...], weights [nb, batch]: 1 on rows of x, 0 on padding)."""
+  """Pads x [n, ...] to whole batches: ([nb, batch, ...], weights [nb, batch]).
+
+  The weights are 1 on the rows of x and 0 on the padding.
+  """
   n = x.shape[0]
   nb = -(-n // batch_size)
   xp = jnp.pad(x, [(0, nb * batch_size - n)] + [(0, 0)] * (x.ndim - 1))
