@@ -1,4 +1,4 @@
-"""Tests of sbmae.reduction.diagnostics: H blocks, the Stein test and its control variate, dependent directions."""
+"""Tests of sbmae.reduction.diagnostics: H blocks, the Stein test, dependent directions."""
 
 import jax
 import jax.numpy as jnp
