@@ -61,13 +61,10 @@ def flags(tiny):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, xla_flags):
-  cache = tmp_path_factory.mktemp("jax_cache")
+def env(xla_flags):
+  # The runs share the session's compilation cache (conftest.py) through os.environ.
   out = {k: v for k, v in os.environ.items() if k != faults.ENV_VAR}
-  out.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
-             JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  out.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   return out
 
 
