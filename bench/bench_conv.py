@@ -9,21 +9,38 @@ kernel), as a train step computes them, for:
 and prints each one's time and share of the measured matmul peak (the FLOPs
 are the convolution's 3 x 2 * M * K * N, the same for all).
 
+`--model=classifier|autoencoder` instead times every convolution of a model
+as the model runs it (the implementation `conv2d` picks; shapes and counts
+found by tracing the model): the classifier at width 32 and batch 128, or the
+`cpu` config's 16-32-64 autoencoder with the sub-pixel head at batch 64, each
+times `--modalities`. The total, against the train step's time
+(`bench_classifier.py`, `bench_autoencoder.py`), is the convolutions' share
+of the step: an upper bound, since every convolution is timed with both
+gradients and the first one needs no input gradient.
+
   JAX_PLATFORMS=cpu python bench/bench_conv.py [--impls=lax,gemm,patches] [--shapes=ae]
+  JAX_PLATFORMS=cpu python bench/bench_conv.py --model=autoencoder [--modalities=5]
 """
+
+import collections
 
 from absl import app
 from absl import flags
 import jax
 
 import common
+from sbmae.models import autoencoder
+from sbmae.models import classifier
 from sbmae.models import conv
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", ["lax", "gemm", "patches"], "Implementations to time.")
 flags.DEFINE_list("shapes", ["ae", "tiny", "clf", "unet"], "Shape groups to time.")
 flags.DEFINE_integer("iters", 3, "Timed calls.")
-flags.DEFINE_integer("batch", 256, "Batch size.")
+flags.DEFINE_integer("batch", None, "Batch size (default 256; with --model, its own).")
+flags.DEFINE_enum("model", None, ["classifier", "autoencoder"], "Time this model's "
+                  "convolutions (--batch defaults to its batch size) instead of --shapes.")
+flags.DEFINE_integer("modalities", 5, "With --model: networks per step (counts multiply).")
 flags.DEFINE_bool("compiler_options", True, "Compile with conv.compiler_options(), as the "
                   "models' jitted functions are (off: XLA's defaults).")
 
@@ -43,9 +60,13 @@ SHAPES = {
             ("up 3x3 16->64 @16", 3, 1, 16, 16, 64),
             ("res 3x3 32 @8", 3, 1, 8, 32, 32),
             ("out 5x5 16->3 @32", 5, 1, 32, 16, 3)],
+    # The DigitClassifier's (width 32); time them with --batch=128.
     "clf": [("clf 3x3/2 3->32 @28", 3, 2, 28, 3, 32),
             ("clf 3x3 32 @14", 3, 1, 14, 32, 32),
-            ("clf 3x3/2 64->128 @7", 3, 2, 7, 64, 128)],
+            ("clf 3x3/2 32->64 @14", 3, 2, 14, 32, 64),
+            ("clf 3x3 64 @7", 3, 1, 7, 64, 64),
+            ("clf 3x3/2 64->128 @7", 3, 2, 7, 64, 128),
+            ("clf 3x3 128 @4", 3, 1, 4, 128, 128)],
     "tiny": [("ae up 3x3 256->1024 @2", 3, 1, 2, 256, 1024),
              ("ae down 4x4/2 256 @4", 4, 2, 4, 256, 256),
              ("unet 3x3 128 @2", 3, 1, 2, 128, 128),
@@ -84,7 +105,7 @@ def _value_and_vjp(fn, args, cotangent):
 
 
 def bench_shape(label, k, s, size, cin, cout, peak):
-  b = FLAGS.batch
+  b = FLAGS.batch or 256
   x = jax.random.normal(jax.random.PRNGKey(0), (b, size, size, cin))
   kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, cin, cout)) * 0.05
   pads = conv.resolve_padding("SAME", (size, size), (k, k), (s, s))
@@ -105,10 +126,68 @@ def bench_shape(label, k, s, size, cin, cout, peak):
   print(" | ".join(line), flush=True)
 
 
+# --model: (module, input shape without the batch, default batch size).
+MODELS = {
+    "classifier": (classifier.DigitClassifier(width=32), (28, 28, 3), 128),
+    "autoencoder": (autoencoder.AutoEncoder(kind="image", shape=(28, 28, 3), latent_dim=64,
+                                            widths=(16, 32, 64), variational=True,
+                                            decoder_head="subpixel"), (28, 28, 3), 64),
+}
+
+
+def model_convs(module, x_shape):
+  """{(x shape, kernel shape, strides, padding, impl): count} of one forward of `module`."""
+  found = collections.Counter()
+  inner = conv.conv2d
+
+  def recording(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
+    strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+    impl = conv.resolve_impl(x.shape, kernel.shape, strides, padding, impl)
+    found[(tuple(x.shape), tuple(kernel.shape), strides, padding, impl)] += 1
+    return inner(x, kernel, strides, padding, impl)
+
+  conv.conv2d = recording
+  try:
+    jax.eval_shape(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(x_shape, "float32"))
+  finally:
+    conv.conv2d = inner
+  return found
+
+
+def bench_model(name, peak):
+  """Times each convolution of model `name` as it runs in the model; prints the total."""
+  module, shape, default_batch = MODELS[name]
+  b = FLAGS.batch or default_batch
+  total_seconds, total_flops = 0.0, 0.0
+  for (xs, ks, strides, pads, impl), count in model_convs(module, (b,) + shape).items():
+    x = jax.random.normal(jax.random.PRNGKey(0), xs)
+    kernel = jax.random.normal(jax.random.PRNGKey(1), ks) * 0.05
+    out = jax.eval_shape(lambda x, k: conv.conv2d(x, k, strides, pads, impl), x, kernel)
+    g = jax.random.normal(jax.random.PRNGKey(2), out.shape)
+    step = jax.jit(lambda x, w, g: _value_and_vjp(
+        lambda x, w: conv.conv2d(x, w, strides, pads, impl), (x, w), g),
+                   compiler_options=conv.compiler_options() if FLAGS.compiler_options else None)
+    seconds = common.median_seconds(lambda: step(x, kernel, g), FLAGS.iters)
+    num_flops = 3 * 2 * b * out.shape[1] * out.shape[2] * ks[0] * ks[1] * ks[2] * ks[3]
+    count *= FLAGS.modalities
+    total_seconds += count * seconds
+    total_flops += count * num_flops
+    print(f"{ks[0]}x{ks[1]}/{strides[0]} {ks[2]:4d} -> {ks[3]:4d} @{xs[1]:2d} ({impl}) x{count:3d}: "
+          f"{1e3 * seconds:7.2f} ms each ({100 * num_flops / seconds / 1e9 / peak:3.0f}%), "
+          f"{1e3 * count * seconds:7.1f} ms", flush=True)
+  print(f"{name} x {FLAGS.modalities}, batch {b}: convolutions (output + both gradients) "
+        f"{1e3 * total_seconds:.1f} ms per step, {total_flops / 1e9:.2f} GFLOP "
+        f"({100 * total_flops / total_seconds / 1e9 / peak:.0f}% of peak)", flush=True)
+
+
 def main(_):
   peak = common.measured_peak_gflops()
-  print(f"measured matmul peak {peak:.0f} GFLOP/s; fwd+bwd per conv, batch {FLAGS.batch}; "
+  print(f"measured matmul peak {peak:.0f} GFLOP/s; fwd+bwd per conv; "
         f"compiler options {conv.compiler_options() if FLAGS.compiler_options else None}")
+  if FLAGS.model:
+    bench_model(FLAGS.model, peak)
+    return
+  print(f"batch {FLAGS.batch or 256}")
   for group in FLAGS.shapes:
     for shape in SHAPES[group]:
       bench_shape(*shape, peak)

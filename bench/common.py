@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks: medians, XLA FLOP counts, share of peak,
 and where a step's time goes (`op_breakdown`)."""
 
+import bisect
 import collections
 import glob
 import gzip
@@ -97,16 +98,81 @@ def op_kind(name):
   return "other"
 
 
-def op_breakdown(fn, iters=5):
-  """Profiles `iters` calls of `fn()` and prints where the XLA op time goes.
+def op_spans(events):
+  """(name, start, end) in microseconds of every XLA op in a trace's events.
 
-  Runs `jax.profiler.trace` (perfetto trace), sums the duration of every XLA
-  op event by `op_kind` and prints each kind's time per call, its share of
-  the op time, and the op time's share of the wall time (the rest is the
-  runtime's gaps between ops; above 100% ops ran concurrently).
+  An op's event ("ph" "X", its "ts" and "dur") covers the thread that ran it.
+  An op that XLA:CPU hands to its thread pool (asynchronous; convolutions
+  compiled with `conv.compiler_options()`) returns at once: its event lasts
+  microseconds, and the pool marks its completion with an event named
+  "end: NAME". Each op event is matched to the first unmatched end marker of
+  its name at or after its start, and ends there where that is later than
+  the event's own end.
+  """
+  ops = [e for e in events if e.get("ph") == "X" and not _OP_SKIP.search(e.get("name", ""))]
+  ends = collections.defaultdict(list)
+  for event in events:
+    name = event.get("name", "")
+    if name.startswith("end: "):
+      ends[name[len("end: "):]].append(float(event["ts"]))
+  for stamps in ends.values():
+    stamps.sort()
+  used = collections.Counter()
+  spans = []
+  for event in sorted(ops, key=lambda e: float(e["ts"])):
+    name, start = event["name"], float(event["ts"])
+    end = start + float(event.get("dur", 0))
+    stamps = ends.get(name, ())
+    i = max(used[name], bisect.bisect_left(stamps, start))
+    if i < len(stamps):
+      end = max(end, stamps[i])
+      used[name] = i + 1
+    spans.append((name, start, end))
+  return spans
+
+
+def shared_time(spans, key):
+  """{key(name): time} splitting each instant equally among the spans open then.
+
+  Ops overlap (async ones wait in the thread pool beside others), so summed
+  spans exceed the wall time; shared, they add up to the time in which some
+  op ran, and an instant with n ops open counts 1/n for each.
+  """
+  bounds = sorted({t for _, start, end in spans for t in (start, end)})
+  index = {t: i for i, t in enumerate(bounds)}
+  # Per boundary segment: the open ops' keys (difference arrays per key).
+  delta = collections.defaultdict(lambda: [0] * len(bounds))
+  for name, start, end in spans:
+    if end > start:
+      delta[key(name)][index[start]] += 1
+      delta[key(name)][index[end]] -= 1
+  keys = list(delta)
+  open_count = {k: 0 for k in keys}
+  result = collections.Counter()
+  for i in range(len(bounds) - 1):
+    for k in keys:
+      open_count[k] += delta[k][i]
+    total = sum(open_count.values())
+    if total:
+      dt = bounds[i + 1] - bounds[i]
+      for k in keys:
+        if open_count[k]:
+          result[k] += dt * open_count[k] / total
+  return result
+
+
+def op_breakdown(fn, iters=5):
+  """Profiles `iters` calls of `fn()` and prints where their wall time goes.
+
+  Runs `jax.profiler.trace` (perfetto trace), takes every XLA op from its
+  start to its completion (`op_spans`), and prints per `op_kind` its share
+  of the time in which ops ran (`shared_time`: concurrent ops split it), its
+  summed op time (concurrent ops each counted in full), and the ops' count;
+  then the share of the wall time in which no op ran (the runtime's gaps).
 
   Returns:
-    {kind: seconds per call}, or {} where the trace held no XLA ops.
+    {kind: seconds per call of shared time}, or {} where the trace held no
+    XLA ops.
   """
   jax.block_until_ready(fn())
   with tempfile.TemporaryDirectory() as log_dir:
@@ -121,23 +187,23 @@ def op_breakdown(fn, iters=5):
       with gzip.open(paths[0]) as f:
         events = json.load(f)
   events = events.get("traceEvents", []) if isinstance(events, dict) else events
-  seconds, counts = collections.Counter(), collections.Counter()
-  for event in events:
-    name = event.get("name", "")
-    if event.get("ph") == "X" and not _OP_SKIP.search(name):
-      kind = op_kind(name)
-      seconds[kind] += event.get("dur", 0) * 1e-6 / iters
-      counts[kind] += 1
-  total = sum(seconds.values())
-  if not total:
+  spans = op_spans(events)
+  shared = {k: t * 1e-6 / iters for k, t in shared_time(spans, op_kind).items()}
+  summed, counts = collections.Counter(), collections.Counter()
+  for name, start, end in spans:
+    summed[op_kind(name)] += (end - start) * 1e-6 / iters
+    counts[op_kind(name)] += 1
+  busy = sum(shared.values())
+  if not busy:
     print("  op breakdown: the profiler trace held no XLA op events", flush=True)
     return {}
-  print(f"  op time {1e3 * total:.1f} ms per call, {100 * total / wall:.0f}% of the "
-        f"wall time under the profiler ({1e3 * wall:.1f} ms):", flush=True)
-  for kind, t in seconds.most_common():
-    print(f"    {1e3 * t:8.1f} ms {100 * t / total:5.1f}%  {counts[kind] // iters:5d} ops  {kind}",
-          flush=True)
-  return dict(seconds)
+  print(f"  ops ran {1e3 * busy:.1f} ms per call, {100 * busy / wall:.0f}% of the wall "
+        f"time under the profiler ({1e3 * wall:.1f} ms); per kind, that time shared "
+        "among concurrent ops, and the ops' summed time:", flush=True)
+  for kind, t in sorted(shared.items(), key=lambda kv: -kv[1]):
+    print(f"    {1e3 * t:8.1f} ms {100 * t / busy:5.1f}%  (summed {1e3 * summed[kind]:8.1f} "
+          f"ms)  {counts[kind] // iters:5d} ops  {kind}", flush=True)
+  return shared
 
 
 def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters,

@@ -91,6 +91,10 @@ def test_auto_uses_gemm_for_tiny_outputs_on_cpu_only(size, stride, gemm_on_cpu):
   jaxpr = str(jax.make_jaxpr(lambda p: module.apply(p, x))(params))
   uses_lax = "conv_general_dilated" in jaxpr
   assert uses_lax == (jax.default_backend() != "cpu" or not gemm_on_cpu)
+  padding = conv.resolve_padding("SAME", (size, size), (3, 3), (stride, stride))
+  resolved = conv.resolve_impl(x.shape, (3, 3, 2, 3), (stride, stride), padding)
+  assert resolved == ("lax" if uses_lax else "gemm")
+  assert conv.resolve_impl(x.shape, (3, 3, 2, 3), (stride, stride), padding, "lax") == "lax"
   with pytest.raises(ValueError, match="impl"):
     conv.Conv(3, impl="fast").init(jax.random.PRNGKey(0), x)
 

@@ -113,6 +113,30 @@ def jit(fn, **kwargs):
   return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
 
 
+def resolve_impl(x_shape, kernel_shape, strides, padding, impl="auto"):
+  """The implementation `conv2d` runs: `impl`, or for "auto" the module docstring's rule.
+
+  Args:
+    x_shape: [B, H, W, in].
+    kernel_shape: [kh, kw, in, out].
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+    impl: "auto", "gemm" or "lax".
+
+  Returns:
+    "gemm" or "lax".
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"Conv impl={impl!r}; expected one of {IMPLS}.")
+  if impl != "auto":
+    return impl
+  (kh, kw), (sh, sw) = kernel_shape[:2], strides
+  ho = (x_shape[1] + sum(padding[0]) - kh) // sh + 1
+  wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
+  small = ho * wo <= GEMM_MAX_POSITIONS
+  return "gemm" if jax.default_backend() == "cpu" and small else "lax"
+
+
 def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
   """NHWC/HWIO convolution by `impl`: "gemm", "lax" or "auto" (see module docstring).
 
@@ -126,15 +150,8 @@ def conv2d(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl="auto"):
   Returns:
     [B, Ho, Wo, out].
   """
-  if impl not in IMPLS:
-    raise ValueError(f"Conv impl={impl!r}; expected one of {IMPLS}.")
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-  if impl == "auto":
-    (kh, kw), (sh, sw) = kernel.shape[:2], strides
-    ho = (x.shape[1] + sum(padding[0]) - kh) // sh + 1
-    wo = (x.shape[2] + sum(padding[1]) - kw) // sw + 1
-    small = ho * wo <= GEMM_MAX_POSITIONS
-    impl = "gemm" if jax.default_backend() == "cpu" and small else "lax"
+  impl = resolve_impl(x.shape, kernel.shape, strides, padding, impl)
   if impl == "gemm":
     return conv_gemm(x, kernel, strides, padding)
   return jax.lax.conv_general_dilated(x, kernel, strides, padding,
