@@ -27,6 +27,7 @@ import collections
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 
 import common
 from sbmae.models import autoencoder
@@ -98,31 +99,38 @@ def lax_conv(x, kernel, strides, padding):
 IMPLS = {"lax": lax_conv, "gemm": conv.conv_gemm, "patches": patches_conv}
 
 
-def _value_and_vjp(fn, args, cotangent):
-  """(fn(*args), the vector-Jacobian product of `cotangent` wrt every arg)."""
-  out, vjp = jax.vjp(fn, *args)
-  return out, vjp(cotangent)
+def time_conv(fn, x_shape, kernel_shape):
+  """(median seconds, FLOPs) of fn(x, kernel)'s output and gradients wrt both.
+
+  The output is returned with the gradients: the gradient of a linear map
+  needs no forward, and XLA drops an unused one (grad alone times the
+  backward). The cotangent is an argument: as a closed-over constant XLA
+  folds its transposes. FLOPs: 3 x 2 * M * K * N of the convolution.
+  """
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(1), kernel_shape) * 0.05
+  out = jax.eval_shape(fn, x, kernel).shape
+  g = jax.random.normal(jax.random.PRNGKey(2), out)
+
+  def value_and_vjp(x, kernel, g):
+    y, vjp = jax.vjp(fn, x, kernel)
+    return y, vjp(g)
+
+  step = jax.jit(value_and_vjp,
+                 compiler_options=conv.compiler_options() if FLAGS.compiler_options else None)
+  seconds = common.median_seconds(lambda: step(x, kernel, g), FLAGS.iters)
+  return seconds, 3 * 2 * out[0] * out[1] * out[2] * int(np.prod(kernel_shape))
 
 
 def bench_shape(label, k, s, size, cin, cout, peak):
   b = FLAGS.batch or 256
-  x = jax.random.normal(jax.random.PRNGKey(0), (b, size, size, cin))
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, cin, cout)) * 0.05
   pads = conv.resolve_padding("SAME", (size, size), (k, k), (s, s))
-  out = -(-size // s)
-  g = jax.random.normal(jax.random.PRNGKey(2), (b, out, out, cout))
-  num_flops = 3 * 2 * b * out * out * k * k * cin * cout
-  line = [f"{label:24s} {num_flops / 1e9:6.2f} GFLOP"]
+  line = [label.ljust(24)]
   for name in FLAGS.impls:
-    fn = IMPLS[name]
-    # The output is returned with the gradients: the gradient of a linear map
-    # needs no forward, and XLA drops an unused one (grad alone times the backward).
-    # The cotangent is an argument: as a closed-over constant XLA folds its transposes.
-    step = jax.jit(lambda x, w, g, fn=fn: _value_and_vjp(
-        lambda x, w: fn(x, w, (s, s), pads), (x, w), g),
-                   compiler_options=conv.compiler_options() if FLAGS.compiler_options else None)
-    seconds = common.median_seconds(lambda: step(x, kernel, g), FLAGS.iters)
+    seconds, num_flops = time_conv(lambda x, w, fn=IMPLS[name]: fn(x, w, (s, s), pads),
+                                   (b, size, size, cin), (k, k, cin, cout))
     line.append(f"{name} {1e3 * seconds:7.1f} ms ({100 * num_flops / seconds / 1e9 / peak:3.0f}%)")
+  line.insert(1, f"{num_flops / 1e9:6.2f} GFLOP")
   print(" | ".join(line), flush=True)
 
 
@@ -160,15 +168,8 @@ def bench_model(name, peak):
   b = FLAGS.batch or default_batch
   total_seconds, total_flops = 0.0, 0.0
   for (xs, ks, strides, pads, impl), count in model_convs(module, (b,) + shape).items():
-    x = jax.random.normal(jax.random.PRNGKey(0), xs)
-    kernel = jax.random.normal(jax.random.PRNGKey(1), ks) * 0.05
-    out = jax.eval_shape(lambda x, k: conv.conv2d(x, k, strides, pads, impl), x, kernel)
-    g = jax.random.normal(jax.random.PRNGKey(2), out.shape)
-    step = jax.jit(lambda x, w, g: _value_and_vjp(
-        lambda x, w: conv.conv2d(x, w, strides, pads, impl), (x, w), g),
-                   compiler_options=conv.compiler_options() if FLAGS.compiler_options else None)
-    seconds = common.median_seconds(lambda: step(x, kernel, g), FLAGS.iters)
-    num_flops = 3 * 2 * b * out.shape[1] * out.shape[2] * ks[0] * ks[1] * ks[2] * ks[3]
+    seconds, num_flops = time_conv(
+        lambda x, w, s=strides, p=pads, i=impl: conv.conv2d(x, w, s, p, i), xs, ks)
     count *= FLAGS.modalities
     total_seconds += count * seconds
     total_flops += count * num_flops
