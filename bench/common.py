@@ -164,11 +164,12 @@ def shared_time(spans, key):
 def op_breakdown(fn, iters=5):
   """Profiles `iters` calls of `fn()` and prints where their wall time goes.
 
-  Runs `jax.profiler.trace` (perfetto trace), takes every XLA op from its
-  start to its completion (`op_spans`), and prints per `op_kind` its share
-  of the time in which ops ran (`shared_time`: concurrent ops split it), its
-  summed op time (concurrent ops each counted in full), and the ops' count;
-  then the share of the wall time in which no op ran (the runtime's gaps).
+  Runs `jax.profiler.trace` (perfetto trace) and takes every XLA op from its
+  start to its completion (`op_spans`). Prints the time in which some op
+  ran and its share of the wall time (the rest is the runtime's gaps), then
+  per `op_kind` its part of that time (`shared_time`: concurrent ops split
+  it), its summed op time (concurrent ops each counted in full) and its ops
+  per call.
 
   Returns:
     {kind: seconds per call of shared time}, or {} where the trace held no
