@@ -136,7 +136,9 @@ def shared_time(spans, key):
 
   Ops overlap (async ones wait in the thread pool beside others), so summed
   spans exceed the wall time; shared, they add up to the time in which some
-  op ran, and an instant with n ops open counts 1/n for each.
+  op ran, and an instant with n ops open counts 1/n for each. An async op
+  still queued in the pool counts as open, so a kind launched many at a
+  time (convolutions) can be credited with part of its neighbours' time.
   """
   bounds = sorted({t for _, start, end in spans for t in (start, end)})
   index = {t: i for i, t in enumerate(bounds)}
