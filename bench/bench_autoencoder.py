@@ -13,8 +13,9 @@ Reference, PyTorch SBM-AE on the same 2-core CPU: batch 256 2.16 s
 
   JAX_PLATFORMS=cpu python bench/bench_autoencoder.py [--profile]
 
-`--profile` also prints where each step's XLA op time goes (convolutions,
-elementwise fusions, layout copies, reductions: `common.op_breakdown`).
+`--profile` also prints where each step's time goes (convolutions, elementwise
+fusions, layout copies, reductions, and the largest groups of ops, convolutions
+by shape: `common.op_breakdown`).
 """
 
 from absl import app

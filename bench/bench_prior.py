@@ -99,7 +99,7 @@ def bench_model(name, peak):
   common.report(f"{name} train step ({FLAGS.update} update), batch {b}", seconds, b,
                 "examples", train_flops, peak)
   if FLAGS.profile:
-    common.op_breakdown(run_train, FLAGS.train_iters)
+    common.op_breakdown(run_train, FLAGS.train_iters, hlo_text=compiled.as_text())
 
   params = state[0]
   score_fn = losses.get_score_fn(sde, model)

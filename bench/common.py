@@ -163,7 +163,21 @@ def shared_time(spans, key):
   return result
 
 
-def op_breakdown(fn, iters=5):
+_CONV_LINE = re.compile(r"%(\S+) = (\w+\[[\d,]*\])\S* convolution\(.*window=\{([^}]*)\}"
+                        r".*dim_labels=([^,\s]+)")
+
+
+def conv_labels(hlo_text):
+  """{op name: "output shape, window, dim labels"} of the convolutions in HLO text.
+
+  `compiled.as_text()` of a jitted function; names are those of the profiler's
+  op events, so `op_breakdown` can group a step's convolutions by shape.
+  """
+  return {m.group(1): f"convolution {m.group(2)} {m.group(3)} {m.group(4)}"
+          for m in map(_CONV_LINE.search, hlo_text.splitlines()) if m}
+
+
+def op_breakdown(fn, iters=5, hlo_text=None, top=15):
   """Profiles `iters` calls of `fn()` and prints where their wall time goes.
 
   Runs `jax.profiler.trace` (perfetto trace) and takes every XLA op from its
@@ -171,7 +185,9 @@ def op_breakdown(fn, iters=5):
   ran and its share of the wall time (the rest is the runtime's gaps), then
   per `op_kind` its part of that time (`shared_time`: concurrent ops split
   it), its summed op time (concurrent ops each counted in full) and its ops
-  per call.
+  per call. With the function's compiled `hlo_text`, also the `top` groups of
+  ops by shared time: convolutions by shape (`conv_labels`), other ops by
+  name without their number.
 
   Returns:
     {kind: seconds per call of shared time}, or {} where the trace held no
@@ -206,6 +222,12 @@ def op_breakdown(fn, iters=5):
   for kind, t in sorted(shared.items(), key=lambda kv: -kv[1]):
     print(f"    {1e3 * t:8.1f} ms {100 * t / busy:5.1f}%  (summed {1e3 * summed[kind]:8.1f} "
           f"ms)  {counts[kind] // iters:5d} ops  {kind}", flush=True)
+  if hlo_text:
+    labels = conv_labels(hlo_text)
+    groups = shared_time(spans, lambda n: labels.get(n, re.sub(r"\.\d+$", "", n)))
+    print(f"  the {top} largest groups of ops (shared time per call):", flush=True)
+    for label, t in groups.most_common(top):
+      print(f"    {1e-3 * t / iters:8.2f} ms {100e-6 * t / iters / busy:5.1f}%  {label}", flush=True)
   return shared
 
 
@@ -225,7 +247,8 @@ def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters,
     profile: also print where the step's op time goes (`op_breakdown`).
   """
   rng = jax.random.PRNGKey(1)
-  num_flops = flops(step.lower(state, batch, rng).compile())
+  compiled = step.lower(state, batch, rng).compile()
+  num_flops = flops(compiled)
   holder = [state]
 
   def run():
@@ -234,4 +257,4 @@ def time_train_step(name, step, state, batch, items, unit, peak_gflops, iters,
 
   report(name, median_seconds(run, iters), items, unit, num_flops, peak_gflops)
   if profile:
-    op_breakdown(run, iters)
+    op_breakdown(run, iters, hlo_text=compiled.as_text())

@@ -76,3 +76,13 @@ def test_model_convs_finds_the_classifier_s_convolutions():
                             (3, 3, 64, 128), (3, 3, 128, 128)])
   for (x_shape, kernel, strides, padding, impl) in convs:
     assert impl == conv.resolve_impl(x_shape, kernel, strides, padding)
+
+
+def test_conv_labels_names_the_convolutions_of_compiled_hlo():
+  x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+  fn = jax.jit(lambda x, k: jnp.tanh(jax.lax.conv_general_dilated(
+      x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+  labels = common.conv_labels(fn.lower(x, kernel).compile().as_text())
+  assert len(labels) == 1, labels
+  (label,) = labels.values()
+  assert label.startswith("convolution f32[2,4,4,4] size=3x3 stride=2x2"), label
