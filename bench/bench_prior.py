@@ -18,6 +18,7 @@ Run:
   JAX_PLATFORMS=cpu python bench/bench_prior.py [--models=mlp,unet]
       [--guidance=2 --joint_guidance=1 --corrector_steps=3]  # the cpu config's sampler
       [--profile]  # also where the train step's XLA op time goes (common.op_breakdown)
+      [--models=mlp --mlp_hidden=512 --mlp_layers=3 --batch_size=B]  # the cpu config's prior
 """
 
 from absl import app
@@ -48,10 +49,13 @@ flags.DEFINE_float("joint_guidance", 0.0, "Joint guidance weight v of the sample
                    "also times it with min_observed = 2 (the marginals of the 3 "
                    "unobserved modalities only).")
 flags.DEFINE_bool("profile", False, "Also print where the train step's XLA op time goes.")
+flags.DEFINE_integer("mlp_hidden", 1024, "The MLP prior's width (the cpu config's: 512).")
+flags.DEFINE_integer("mlp_layers", 4, "The MLP prior's residual blocks (the cpu config's: 3).")
 
 DIMS = (64,) * 5
 MODELS = {
-    "mlp": lambda: score_lib.ScoreMLP(hidden=1024, num_layers=4, time_embed_dim=128),
+    "mlp": lambda: score_lib.ScoreMLP(hidden=FLAGS.mlp_hidden, num_layers=FLAGS.mlp_layers,
+                                      time_embed_dim=128),
     "unet": lambda: score_lib.LatentUNet(dims=DIMS, width=64, mults=(1, 2, 2, 2),
                                          time_embed_dim=128),
 }

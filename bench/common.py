@@ -64,7 +64,7 @@ def print_peak():
   peak = measured_peak_gflops()
   print(f"JAX {jax.__version__}, devices {jax.devices()}; measured XLA fp32 matmul "
         f"peak (2048^2, best of 10, default and conv compiler options): {peak:.0f} GFLOP/s; "
-        # It changed CPU step times by 4-12% here (README, "Below the XLA ops").
+        # It changed CPU step times by 4-12% here (docs/speed.md, "Below the XLA ops").
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
   return peak
 

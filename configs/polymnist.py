@@ -51,19 +51,20 @@ def get_config(arg=""):
     config.classifier.update(width=32, num_steps=4000, batch_size=128, learning_rate=2e-3)
     # VAE latents (posterior samples, KL weight 0.01): mean conditional
     # coherence 0.712 vs 0.666 for the RAE and 0.682 at KL weight 0.001, the
-    # same data, classifier, prior and sampler (README, "VAE latents").
+    # same data, classifier, prior and sampler (docs/results.md, "VAE latents").
     # 8,000 steps instead of 2,000 (the time the cached classifier frees):
     # reconstruction ceiling 0.873 -> 0.932, mean coherence 0.712 -> 0.744.
     # PolyMNIST-10 keeps 2,000: its ten autoencoders would take ~1.7 h more.
     # Latent 128 at learning rate 4e-3 raises the ceiling (0.932 -> 0.944) but
     # lowers mean conditional coherence (0.784 -> 0.748) and adds 371 s of
-    # prior and evaluation (README, "Autoencoder recipe for the textured
-    # modalities").
+    # prior and evaluation (docs/results.md, "Autoencoder recipe for the
+    # textured modalities").
     # Sub-pixel decoder head: the same 8,000 steps end to end in 2,325 s
     # instead of 3,902 s (2-core machines of one speed), mean conditional coherence
     # 0.801 vs 0.796, unconditional 0.572 vs 0.542, ceiling 0.920 vs 0.929
-    # (README, "Sub-pixel decoder head"). PolyMNIST-10's README rows are with
-    # the upsample head and were not re-run, so it keeps it.
+    # (docs/results.md, "The same end to end with the sub-pixel decoder head").
+    # PolyMNIST-10's rows are with the upsample head and were not re-run, so it
+    # keeps it.
     m10 = "m10" in tokens
     config.autoencoder.update(kind="vae", beta=0.01, widths=(16, 32, 64),
                               num_steps=2000 if m10 else 8000,
@@ -82,12 +83,12 @@ def get_config(arg=""):
     # which comes with 1,000 predictor steps. On the 40,000-step prior, mean
     # 0.792 / 0.801 / 0.804 / 0.803 and k = 1 0.645 / 0.667 / 0.671 / 0.679 at
     # snr 0.16 / 0.22 / 0.28 / 0.36, fd_clf mean 78.8 / 70.8 / 62.9 / 65.9
-    # (README), at the same cost.
+    # (docs/results.md, "Langevin step size"), at the same cost.
     config.sampling.update(num_steps=100, corrector_steps=3, snr=0.28, batch_size=500)
     if m10:
       # Joint guidance evaluates each modality's marginal score: (2 + M) B
       # network rows per step instead of 2B, ~6x the 383-661-s evaluation at
-      # M = 10. PolyMNIST-10's README rows are without it.
+      # M = 10. PolyMNIST-10's rows are without it.
       config.sampling.joint_guidance = 0.0
     config.eval.update(num_examples=500, num_unconditional=500)
   return config

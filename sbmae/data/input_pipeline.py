@@ -63,8 +63,8 @@ class _Positions:
   the whole epoch at once and kept for the next batches. grain's
   `MapDataset.shuffle().repeat().batch()` computes it element by element for
   every batch: 7.4 ms per batch of 256 against 2.0 ms here on a 2-core machine,
-  whose `cpu` prior then trains at 46.4 instead of 52.7 ms per step (README,
-  "Speed").
+  whose `cpu` prior then trains at 46.4 instead of 52.7 ms per step
+  (docs/speed.md, "The input pipeline").
   """
 
   def __init__(self, n, batch_size, *, seed, shuffle, repeat, shard_index, shard_count,

@@ -81,7 +81,7 @@ class ConvDecoder(nn.Module):
   291 GFLOP) and no full-resolution hidden layer; on 2 CPU cores the `cpu`
   config's 5-autoencoder train step (widths 16-32-64, batch 64) takes 0.28 s
   instead of 0.42 s, SBM-AE's 64-128-256 at batch 256 1.39 s instead of 2.21 s
-  (README, "Speed").
+  (docs/speed.md, "Sub-pixel decoder head").
   """
   widths: Sequence[int]
   shape: Sequence[int]

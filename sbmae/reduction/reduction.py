@@ -96,7 +96,7 @@ class ReductionConfig:
     depth: hidden layers of the MLP (not used by "ridge", which has one).
       3 rather than 2: the "subspace" residual's held-out F is lower in 9 of
       10 synthetic fits and the weakest structured eigenvalues less shrunk
-      (README, "depth of the subspace residual").
+      (docs/reduction.md, "depth of the subspace residual").
     divergence: "exact" (Jacobian trace by forward mode: k jvps for
       "lowrank", D for the MLPs) or "hutchinson" (Rademacher probes,
       unbiased). "subspace", "ridge" and linear terms always use their exact
