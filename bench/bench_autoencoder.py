@@ -40,13 +40,13 @@ FLAGS = flags.FLAGS
 def bench(num_modalities, batch_size, peak):
   config = ml_collections.ConfigDict(dict(
       kind="rae", latent_dim=64, widths=tuple(map(int, FLAGS.widths)), blocks_per_stage=1,
-      decoder_head=FLAGS.decoder_head, beta=0.01, noise_std=0.01))
+      decoder_head=FLAGS.decoder_head, beta=0.01, noise_std=0.01, grad_clip=1.0))
   mods = modalities.polymnist(num_modalities)
   models = autoencoders.build_models(config, mods)
-  tx = training.make_optimizer(1e-3, 1000)
-  state = training.TrainState.create(
-      autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), tx)
-  step = autoencoders.make_train_step(models, mods, config, tx)
+  txs = {m.name: training.make_optimizer(1e-3, 1000) for m in mods}
+  state = autoencoders.new_state(
+      autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), txs)
+  step = autoencoders.make_train_step(models, mods, config, txs)
 
   batch = {m.name: jax.random.uniform(jax.random.PRNGKey(k), (batch_size, 28, 28, 3))
            for k, m in enumerate(mods)}

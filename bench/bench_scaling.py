@@ -51,13 +51,14 @@ def _prior_step():
 
 def _autoencoder_step():
   config = ml_collections.ConfigDict(dict(kind="rae", latent_dim=64, widths=(16, 32, 64),
-                                          blocks_per_stage=1, beta=0.01, noise_std=0.01))
+                                          blocks_per_stage=1, beta=0.01, noise_std=0.01,
+                                          grad_clip=1.0))
   mods = modalities.polymnist(5)
   models = autoencoders.build_models(config, mods)
-  tx = training.make_optimizer(1e-3, 100)
-  step = autoencoders.make_train_step(models, mods, config, tx)
-  state = training.TrainState.create(
-      autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), tx)
+  txs = {m.name: training.make_optimizer(1e-3, 100) for m in mods}
+  step = autoencoders.make_train_step(models, mods, config, txs)
+  state = autoencoders.new_state(
+      autoencoders.init_params(models, mods, jax.random.PRNGKey(0)), txs)
   make_batch = lambda b: {m.name: np.random.default_rng(k).uniform(size=(b, 28, 28, 3)).astype(
       np.float32) for k, m in enumerate(mods)}
   return "autoencoders (5 x 16-32-64)", state, step, make_batch

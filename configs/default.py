@@ -96,9 +96,15 @@ def get_config():
       # nothing) or the means ("mean").
       vae_latents="sample",
       num_steps=20000,
+      # name -> steps for modalities whose autoencoder should stop before
+      # `num_steps` (the smaller of the two counts; each modality's learning
+      # rate schedule spans its own steps); the stage then trains only the
+      # others. Set in a config file, e.g. {"m1": 4000}.
+      modality_steps=ml_collections.ConfigDict(),
       batch_size=256,
       learning_rate=1e-3,
       warmup_steps=500,
+      # Clips the gradients of the modalities a step trains by their joint norm.
       grad_clip=1.0,
   ))
 

@@ -117,7 +117,9 @@ def train_and_evaluate(config, workdir):
     errors.DataError: the data cannot be read.
   """
   errors.validate_config(config, stages.STAGES)
-  registry.get(config.data)  # the data set's name, before anything is written
+  # The data set's name and per-modality settings, before anything is written.
+  autoencoders.check_modality_steps(
+      config, registry.get(config.data).modalities(config.data))
   todo = _stages(config)
   run = rundir.RunDir(workdir)
   _check_workdir(config, run)

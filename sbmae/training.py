@@ -177,6 +177,28 @@ def restore_stage(directory, stage, target):
   return state
 
 
+def restore_params(directory, stage, params):
+  """Only the parameters of a trained stage's latest checkpoint.
+
+  Reads the `params` entry alone, so the optimiser state may have any structure
+  (checkpoints written before a change of optimiser still load).
+
+  Args:
+    directory: the stage's checkpoint folder (`RunDir.checkpoints(stage)`).
+    stage: the stage's name, for the message.
+    params: freshly initialised parameters giving the structure.
+  """
+  manager = checkpoint_manager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise errors.StageOrderError(f"no checkpoint in {directory}; run the `{stage}` stage "
+                                 "first (or drop --config.stage)")
+  abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
+  return manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True))["params"]
+
+
 class Progress:
   """Logs steps/s and ETA every `every` steps (and at the last step)."""
 
@@ -276,7 +298,8 @@ def run(name, state, train_step: Callable, batch_fn: Callable, *, num_steps, rng
         pending = []
         for i, m in enumerate(host):
           check_finite(m, done - len(host) + i + 1, name)
-        mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+        # A metric may be missing from some steps (a modality that stopped training).
+        mean = {k: float(np.mean([m[k] for m in host if k in m])) for k in host[-1]}
         if log_now:
           progress(done, mean)
           if writer is not None:

@@ -9,7 +9,9 @@ Variants (config.autoencoder.kind):
        (`RunDir.latent_usage`). Conditioning inputs are encoded by their mean.
 Reconstruction terms are summed over an example's dimensions and averaged over
 the batch: squared error for "mse" modalities (outputs sigmoid(logits)), binary
-cross-entropy for "bernoulli" ones.
+cross-entropy for "bernoulli" ones. Each modality has its own Adam and
+learning-rate schedule and may stop early (`autoencoder.modality_steps`); a
+step clips the gradients of the modalities it trains by their joint norm.
 
 After training the stage encodes both splits once, fits the per-modality
 `latents.Whitening` and stores the *whitened* latents (`RunDir.latents`);
@@ -67,7 +69,12 @@ def reconstruction_loss(likelihood, logits, x):
 
 
 def get_loss_fn(models, modalities, ae_config):
-  """loss_fn(params, rng, batch) -> (summed loss over modalities, metrics)."""
+  """loss_fn(params, rng, batch) -> (summed loss over modalities, metrics).
+
+  Sums over the modalities in `batch` (a subset of `modalities` is fine);
+  modality k of `modalities` draws its noise from fold_in(rng, k) whichever
+  others are present.
+  """
 
   def one(model, modality, params, rng, x):
     mean, logvar = model.apply(params, x, method="encode")
@@ -86,6 +93,8 @@ def get_loss_fn(models, modalities, ae_config):
   def loss_fn(params, rng, batch):
     total, metrics = 0.0, {}
     for k, m in enumerate(modalities):
+      if m.name not in batch:
+        continue
       loss, mets = one(models[m.name], m, params[m.name], jax.random.fold_in(rng, k),
                        batch[m.name])
       total += loss
@@ -96,10 +105,89 @@ def get_loss_fn(models, modalities, ae_config):
   return loss_fn
 
 
-def make_train_step(models, modalities, ae_config, tx):
-  """The stage's jitted train step (loss of `get_loss_fn`, conv compiler options)."""
-  return training.make_train_step(get_loss_fn(models, modalities, ae_config), tx,
-                                  compiler_options=conv.compiler_options())
+def modality_steps(config, modalities):
+  """dict name -> the number of steps that modality's autoencoder trains.
+
+  `autoencoder.num_steps`, or for a modality named in `autoencoder.modality_steps`
+  the smaller of its count and `num_steps` (an autoencoder that converges early
+  stops there; the stage then runs only the others, and its time falls with
+  them). Names of other modalities are left to `check_modality_steps`.
+
+  Raises:
+    errors.ConfigError: a count that is not a positive integer.
+  """
+  c = config.autoencoder
+  overrides = dict(c.get("modality_steps", None) or {})
+  for name, steps in overrides.items():
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+      raise errors.ConfigError(f"config.autoencoder.modality_steps.{name}={steps!r}: must be "
+                               "a positive integer (steps of that modality's autoencoder)")
+  return {m.name: min(int(overrides.get(m.name, c.num_steps)), c.num_steps)
+          for m in modalities}
+
+
+def check_modality_steps(config, modalities):
+  """Raises ConfigError for `autoencoder.modality_steps` naming no modality of the data."""
+  names = [m.name for m in modalities]
+  for name in config.autoencoder.get("modality_steps", None) or {}:
+    if name not in names:
+      raise errors.ConfigError(f"config.autoencoder.modality_steps.{name}: {name!r} is not "
+                               f"a modality of this data set ({names})")
+  modality_steps(config, modalities)
+
+
+def optimizers(config, modalities):
+  """dict name -> that modality's Adam, its schedule over its own steps.
+
+  Without clipping: the train step clips the gradients of the modalities it
+  trains by their joint global norm (`autoencoder.grad_clip`), as one optimiser
+  over all of them did before (`tests/test_autoencoders.py` checks the two
+  agree bit for bit when every modality trains the same steps).
+  """
+  c = config.autoencoder
+  return {n: training.make_optimizer(c.learning_rate, steps, warmup_steps=c.warmup_steps)
+          for n, steps in modality_steps(config, modalities).items()}
+
+
+def new_state(params, txs):
+  """A TrainState over dict name -> parameters with one optimiser state per modality."""
+  return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state={n: txs[n].init(p) for n, p in params.items()})
+
+
+def make_train_step(models, modalities, ae_config, txs):
+  """The stage's jitted, state-donating step (conv compiler options).
+
+  (state, batch, rng) -> (state, metrics) trains the modalities whose images
+  are in `batch` and leaves the others' parameters and optimiser states as
+  they are; jit compiles once per set of modalities present.
+
+  Args:
+    models, modalities, ae_config: as for `get_loss_fn`.
+    txs: dict name -> optax optimiser (`optimizers`).
+  """
+  loss_fn = get_loss_fn(models, modalities, ae_config)
+
+  @functools.partial(jax.jit, donate_argnums=0, compiler_options=conv.compiler_options())
+  def train_step(state, batch, rng):
+    active = [m.name for m in modalities if m.name in batch]
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(
+        {n: state.params[n] for n in active}, rng, batch)
+    if ae_config.grad_clip > 0:
+      clip = optax.clip_by_global_norm(ae_config.grad_clip)
+      grads, _ = clip.update(grads, clip.init(grads))
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    for n in active:
+      updates, opt_state[n] = txs[n].update(grads[n], opt_state[n], params[n])
+      params[n] = optax.apply_updates(params[n], updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def batch_fn(ds, steps):
+  """step -> the batch of the modalities still training (`modality_steps`)."""
+  return lambda step: {n: x for n, x in ds[step].items() if step < steps.get(n, 0)}
 
 
 def encode_fn(models):
@@ -180,20 +268,19 @@ def _encode_splits(config, models, params, data, names):
 
 
 def init_state(config, modalities):
-  """(models, optimiser, freshly initialised TrainState) of `config.autoencoder`."""
-  c = config.autoencoder
-  models = build_models(c, modalities)
-  tx = training.make_optimizer(c.learning_rate, c.num_steps, warmup_steps=c.warmup_steps,
-                               grad_clip=c.grad_clip)
+  """(models, dict name -> optimiser, freshly initialised TrainState) of `config.autoencoder`."""
+  models = build_models(config.autoencoder, modalities)
+  txs = optimizers(config, modalities)
   params = init_params(models, modalities, stages.stage_rng(config, STAGE))
-  return models, tx, training.TrainState.create(params, tx)
+  return models, txs, new_state(params, txs)
 
 
 def restore(config, run, modalities):
   """(models, dict name -> params, Whitening) of a finished autoencoders stage."""
-  models, _, state = init_state(config, modalities)
-  state = training.restore_stage(run.checkpoints(STAGE), STAGE, state)
-  return models, state.params, latents_lib.Whitening.load(run.latent_stats)
+  models = build_models(config.autoencoder, modalities)
+  params = training.restore_params(run.checkpoints(STAGE), STAGE, init_params(
+      models, modalities, stages.stage_rng(config, STAGE)))
+  return models, params, latents_lib.Whitening.load(run.latent_stats)
 
 
 def train(config, run, data, modalities, writer):
@@ -211,11 +298,12 @@ def train(config, run, data, modalities, writer):
   """
   c = config.autoencoder
   names = [m.name for m in modalities]
-  models, tx, state = init_state(config, modalities)
+  models, txs, state = init_state(config, modalities)
   ds = input_pipeline.dataset(data["train"], training.per_process_batch(c.batch_size),
-                        seed=stages.stage_seed(config, STAGE))
+                              seed=stages.stage_seed(config, STAGE))
   state = training.run(
-      STAGE, state, make_train_step(models, modalities, c, tx), ds.__getitem__,
+      STAGE, state, make_train_step(models, modalities, c, txs),
+      batch_fn(ds, modality_steps(config, modalities)),
       num_steps=c.num_steps, rng=stages.stage_rng(config, STAGE),
       manager=training.checkpoint_manager(run.checkpoints(STAGE)), writer=writer,
       log_every=config.log_every, checkpoint_every=config.checkpoint_every)

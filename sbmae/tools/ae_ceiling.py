@@ -60,14 +60,16 @@ def measure(config, workdir, names=None, num_examples=2000):
   clf_model, clf_params = classifier_lib.restore(config, run, all_names)
   mods = tuple(m for m in mods if m.name in names)
   c = config.autoencoder
-  models, tx, state = autoencoders.init_state(config, mods)
+  models, txs, state = autoencoders.init_state(config, mods)
   keep = names + ["label"]
   ds = input_pipeline.dataset({k: data["train"][k] for k in keep},
                               training.per_process_batch(c.batch_size),
                               seed=stages.stage_seed(config, autoencoders.STAGE))
-  step = autoencoders.make_train_step(models, mods, c, tx)
+  step = autoencoders.make_train_step(models, mods, c, txs)
   start = time.perf_counter()
-  state = training.run("ae_ceiling", state, step, ds.__getitem__, num_steps=c.num_steps,
+  state = training.run("ae_ceiling", state, step,
+                       autoencoders.batch_fn(ds, autoencoders.modality_steps(config, mods)),
+                       num_steps=c.num_steps,
                        rng=stages.stage_rng(config, autoencoders.STAGE), manager=None,
                        log_every=config.log_every)
   jax.block_until_ready(state.params)
