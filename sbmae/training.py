@@ -200,22 +200,31 @@ def restore_params(directory, stage, params):
 
 
 class Progress:
-  """Logs steps/s and ETA every `every` steps (and at the last step)."""
+  """Logs steps/s and ETA every `every` steps (and at the last step).
+
+  The rate is that of the steps since the previous log line, and the ETA uses
+  a moving average of it (weight 0.3 on the newest window), so it follows a
+  stage whose steps get cheaper (autoencoders that stop early) or dearer
+  instead of the mean since the start.
+  """
 
   def __init__(self, name, total, start=0, every=100):
     self.name, self.total, self.every = name, total, every
-    self._t0, self._s0 = time.perf_counter(), start
+    self._t, self._s = time.perf_counter(), start
+    self._sec_per_step = None
 
   def __call__(self, step, metrics=None):
     """Logs when `step` (1-based count of finished steps) is due."""
     if step % self.every and step != self.total:
       return
-    elapsed = time.perf_counter() - self._t0
-    rate = (step - self._s0) / max(elapsed, 1e-9)
-    eta = (self.total - step) / max(rate, 1e-9)
+    now = time.perf_counter()
+    window = max(now - self._t, 1e-9) / max(step - self._s, 1)
+    self._t, self._s = now, step
+    self._sec_per_step = window if self._sec_per_step is None else (
+        0.7 * self._sec_per_step + 0.3 * window)
     text = " ".join(f"{k}={float(v):.4g}" for k, v in sorted((metrics or {}).items()))
     logging.info("[%s] step %d/%d  %.2f steps/s  ETA %s  %s", self.name, step,
-                 self.total, rate, _hms(eta), text)
+                 self.total, 1.0 / window, _hms((self.total - step) * self._sec_per_step), text)
 
 
 def _hms(seconds):

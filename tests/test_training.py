@@ -89,3 +89,19 @@ def test_eval_history_survives_a_resume(tmp_path):
   # w follows 1 - 0.8^step under SGD on (w - 1)^2.
   np.testing.assert_allclose([row["w"] for row in history],
                              [1 - 0.8 ** s for s in (2, 4, 5, 6)], rtol=1e-5)
+
+
+def test_progress_rate_follows_the_recent_steps(monkeypatch):
+  """steps/s is the last window's; the ETA uses the moving average of windows."""
+  clock, lines = [0.0], []
+  monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+  monkeypatch.setattr(training.logging, "info", lambda fmt, *args: lines.append(args))
+  progress = training.Progress("x", total=400, every=50)
+  for step in range(1, 201):
+    clock[0] += 1.0 if step <= 100 else 0.25  # steps get 4x cheaper halfway
+    progress(step)
+  assert [args[1] for args in lines] == [50, 100, 150, 200]
+  assert [args[3] for args in lines] == pytest.approx([1.0, 1.0, 4.0, 4.0])
+  sec_per_step = 0.7 * (0.7 * 1.0 + 0.3 * 0.25) + 0.3 * 0.25
+  assert lines[-1][4] == training._hms(200 * sec_per_step)
+  assert lines[-1][4] != training._hms(200 * 125 / 200)  # not the mean since the start
