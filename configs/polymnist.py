@@ -81,11 +81,11 @@ def get_config(arg=""):
     # the current recipe 0.784 after 30,000 and 0.792 after 40,000 (k = 1
     # 0.633 -> 0.645, unconditional 0.504 -> 0.550), paid for by the cheaper
     # joint guidance (sampler `min_observed`).
-    # Width 384 instead of 512: 0.71x the prior stage and sampler time for
-    # ~0.006-0.010 of mean conditional coherence (0.771-0.775 vs 0.781-0.782
-    # end to end; k = 1 0.648 vs 0.655-0.663): the hour over k = 1 >= 0.65
-    # (docs/results.md, "Prior width" and "How much of that is the
-    # evaluation's noise"). --config.prior.hidden=512 makes the other choice.
+    # Width 384 instead of 512: 0.71x the prior stage and sampler time; end to
+    # end on the same autoencoders mean conditional coherence 0.771 vs 0.781
+    # on one machine and 0.781 vs 0.775 on another, inside the ~0.01 spread
+    # between trainings (docs/results.md, "Prior width" and "The same two
+    # priors on a 2-core Xeon").
     config.prior.update(hidden=384, num_layers=3, num_steps=40000, batch_size=256,
                         learning_rate=5e-4, ema_decay=0.999)
     # 3 Langevin corrector steps per predictor step: mean conditional coherence
