@@ -7,7 +7,7 @@ latent U-Net (5 modalities as 5 channels of 8x8, width 64, mults 1,2,2,2):
     step each, plus the final denoising: 201 score evaluations) for 256
     samples: samples/s;
 each with achieved GFLOP/s and its share of the machine's XLA matmul peak
-(measured at start). FLOPs come from XLA's cost analysis of the compiled
+(measured at start). FLOPs come from XLA's cost analysis of the lowered
 function; for the sampler, whose loop XLA counts once, it is (score
 evaluations) x (FLOPs of one batched score call).
 
@@ -88,8 +88,8 @@ def bench_model(name, peak):
   state = (params, tx.init(params) if tx else ())
   options = prior.compiler_options(name)  # as the prior stage compiles them
   step_fn = jax.jit(train_step, donate_argnums=0, compiler_options=options)
-  compiled = step_fn.lower(state, batch, 0).compile()
-  train_flops = common.flops(compiled)
+  lowered = step_fn.lower(state, batch, 0)
+  train_flops = common.flops(lowered)
   counter = [0]
 
   def run_train():
@@ -103,12 +103,12 @@ def bench_model(name, peak):
   common.report(f"{name} train step ({FLAGS.update} update), batch {b}", seconds, b,
                 "examples", train_flops, peak)
   if FLAGS.profile:
-    common.op_breakdown(run_train, FLAGS.train_iters, hlo_text=compiled.as_text())
+    common.op_breakdown(run_train, FLAGS.train_iters, hlo_text=lowered.compile().as_text())
 
   params = state[0]
   score_fn = losses.get_score_fn(sde, model)
   x, t, clean = jnp.zeros((b, d)), jnp.full((b,), 0.5), jnp.zeros((b, d))
-  score_flops = common.flops(jax.jit(score_fn).lower(params, x, t, clean).compile())
+  score_flops = common.flops(jax.jit(score_fn).lower(params, x, t, clean))
   evals = FLAGS.num_steps * (1 + FLAGS.corrector_steps) + 1
   w, v = FLAGS.guidance, FLAGS.joint_guidance
   sampler = sample_lib.get_sampler(sde, score_fn, DIMS, num_steps=FLAGS.num_steps,

@@ -86,3 +86,14 @@ def test_conv_labels_names_the_convolutions_of_compiled_hlo():
   assert len(labels) == 1, labels
   (label,) = labels.values()
   assert label.startswith("convolution f32[2,4,4,4] size=3x3 stride=2x2"), label
+
+
+def test_flops_counts_a_matmul_and_a_convolution_before_compilation():
+  a, b = jnp.ones((16, 32)), jnp.ones((32, 8))
+  assert common.flops(jax.jit(jnp.matmul).lower(a, b)) == 2 * 16 * 32 * 8
+  # A 3x3 VALID convolution, 5x5 input -> 3x3 output, 4 -> 6 channels, batch 2: the
+  # kind of op XLA:GPU's compiled cost analysis leaves out (cuDNN custom calls).
+  x, kernel = jnp.ones((2, 5, 5, 4)), jnp.ones((3, 3, 4, 6))
+  fn = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  assert common.flops(fn.lower(x, kernel)) == 2 * (2 * 3 * 3 * 6) * (3 * 3 * 4)
